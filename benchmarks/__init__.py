@@ -1,0 +1,1 @@
+"""The performance suite: ``nox -s bench`` (or ``python -m benchmarks``)."""

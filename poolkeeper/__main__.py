@@ -1,0 +1,5 @@
+"""``python -m poolkeeper``: the command line."""
+
+from poolkeeper.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Who holds a connection: the borrow record kept per checkout and its public view.
+
+With tracking off a borrow costs one small tuple and a clock read; with tracking on it also
+records the borrow-site stack (HikariCP's leak detection does the same), walking frames
+directly rather than through ``traceback`` so that no source file is read at checkout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Borrow", "Borrower", "Entry", "Frame", "capture_stack", "collected", "tracked_entry", "untracked_entry"]
+
+# Frames from these modules are plumbing, never "where the user borrowed the connection".
+_PLUMBING_MODULES = (
+    "poolkeeper.",
+    "sqlalchemy.",
+    "asyncpg.",
+    "redis.",
+    "aiohttp.",
+    "asyncio.",
+    "greenlet",
+    "contextlib",
+    "threading",
+    "concurrent.",
+    "anyio.",
+    "starlette.",
+    "fastapi.",
+    "_pytest.",
+    "pluggy.",
+    "pytest_asyncio.",
+)
+_MAX_FRAMES = 40
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a borrow-site stack."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.lineno} in {self.function}"
+
+
+_RawFrame = tuple[str, int, str]  # (filename, lineno, function), made into Frame objects only when shown
+
+
+def _capture(skip: int) -> tuple[_RawFrame, ...]:
+    frames: list[_RawFrame] = []
+    frame = sys._getframe(skip)  # noqa: SLF001 -- the cheap way to walk the stack at checkout
+    plumbing = _PLUMBING_MODULES
+    while frame is not None and len(frames) < _MAX_FRAMES:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(plumbing) and module not in ("poolkeeper", "sqlalchemy"):
+            code = frame.f_code
+            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back  # type: ignore[assignment]  # f_back is None at the bottom
+    frames.reverse()
+    return tuple(frames)
+
+
+def capture_stack(skip: int = 2) -> tuple[Frame, ...]:
+    """The caller's stack without library frames, outermost first, innermost last."""
+    return tuple(Frame(*raw) for raw in _capture(skip + 1))
+
+
+def _current_task_name() -> str | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        return None
+    return None if task is None else task.get_name()
+
+
+# What a keeper stores per borrowed connection: a plain tuple, the cheapest thing Python makes,
+# because one is made on every checkout. An untracked entry holds the start time
+# (time.monotonic()) and the holder: None, or a weakref to the object the user holds, dead once
+# the garbage collector collected it (how a return by the collector is told apart). A tracked
+# entry adds the raw borrow-site stack, the thread name and the task name.
+Entry = tuple[Any, ...]
+_UNTRACKED_LENGTH = 2
+
+
+def untracked_entry(holder: Any) -> Entry:
+    """The entry of an untracked borrow."""
+    return (time.monotonic(), holder)
+
+
+def tracked_entry(holder: Any) -> Entry:
+    """The entry of a tracked borrow: who borrowed, and where."""
+    return (time.monotonic(), holder, _capture(3), threading.current_thread().name, _current_task_name())
+
+
+def collected(entry: Entry) -> bool:
+    """True if the object the user held for this borrow was garbage collected."""
+    holder = entry[1]
+    return holder is not None and holder() is None
+
+
+class Borrow:
+    """One borrowed connection and its entry, made only off the hot path (views, force-close)."""
+
+    __slots__ = ("connection", "entry")
+
+    def __init__(self, connection: Any, entry: Entry) -> None:
+        self.connection = connection
+        self.entry = entry
+
+    @property
+    def started(self) -> float:
+        """``time.monotonic()`` at checkout."""
+        return float(self.entry[0])
+
+    def view(self, keeper: str, *, returned_by_gc: bool = False) -> Borrower:
+        """The public, immutable view of this borrow."""
+        entry = self.entry
+        held = time.monotonic() - entry[0]
+        tracked = len(entry) > _UNTRACKED_LENGTH
+        return Borrower(
+            keeper=keeper,
+            borrowed_at=time.time() - held,
+            held_seconds=held,
+            thread=entry[3] if tracked else None,
+            task=entry[4] if tracked else None,
+            stack=tuple(Frame(*raw) for raw in entry[2]) if tracked else None,
+            returned_by_gc=returned_by_gc,
+        )
+
+
+@dataclass(frozen=True)
+class Borrower:
+    """Who holds (or held) a connection, since when, and where it was borrowed.
+
+    Attributes:
+        keeper: name of the keeper the connection belongs to.
+        borrowed_at: wall-clock time of the checkout (``time.time()``).
+        held_seconds: how long the connection had been out when this view was taken.
+        thread: name of the borrowing thread (tracked keepers only).
+        task: name of the borrowing asyncio task, if any (tracked keepers only).
+        stack: the borrow-site stack without library frames, innermost last, or ``None``
+            when borrower tracking is off.
+        returned_by_gc: the connection came back only because the garbage collector
+            collected it; its borrower never returned it.
+    """
+
+    keeper: str
+    borrowed_at: float
+    held_seconds: float
+    thread: str | None
+    task: str | None
+    stack: tuple[Frame, ...] | None
+    returned_by_gc: bool = False
+
+    @property
+    def site(self) -> str | None:
+        """``file.py:LINE`` of the innermost user frame, or ``None`` when not tracked."""
+        if not self.stack:
+            return None
+        frame = self.stack[-1]
+        return f"{frame.filename}:{frame.lineno}"
+
+    def format(self) -> str:
+        """A readable multi-line description, stack included when tracked."""
+        how = " (returned only by the garbage collector)" if self.returned_by_gc else ""
+        who = ", ".join(
+            part for part in (self.thread and f"thread {self.thread}", self.task and f"task {self.task}") if part
+        )
+        lines = [f"{self.keeper}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        if self.stack is None:
+            lines.append("  borrow site unknown: enable track_borrowers=True to record it")
+        else:
+            lines.append("  borrowed at (most recent call last):")
+            lines.extend(f"    {frame}" for frame in self.stack)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dictionary."""
+        return {
+            "keeper": self.keeper,
+            "borrowed_at": self.borrowed_at,
+            "held_seconds": round(self.held_seconds, 6),
+            "thread": self.thread,
+            "task": self.task,
+            "site": self.site,
+            "stack": None if self.stack is None else [str(frame) for frame in self.stack],
+            "returned_by_gc": self.returned_by_gc,
+        }

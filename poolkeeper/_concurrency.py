@@ -1,0 +1,69 @@
+"""Running blocking calls and foreign-loop coroutines from the shutdown's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
+__all__ = ["run_blocking", "run_on_loop", "wake_soon"]
+
+T = TypeVar("T")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def wake_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` on its ``loop`` from any thread; a closed loop has nobody left to wake."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_resolve, future)
+
+
+def run_blocking(function: Callable[[], T], *, name: str = "poolkeeper-blocking") -> asyncio.Future[T]:
+    """Run ``function`` in a new daemon thread; the returned future is bound to the running loop.
+
+    Unlike ``asyncio.to_thread``, an abandoned call (a peer that never answers) never holds up
+    interpreter exit or ``loop.shutdown_default_executor()``.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (function(), None)
+        except BaseException as error:  # noqa: BLE001 -- handed over to the awaiting task
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the loop closed while we ran: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
+
+
+async def run_on_loop(loop: asyncio.AbstractEventLoop | None, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Await ``coroutine`` on ``loop`` (the library's own loop), from whichever loop we are on."""
+    current = asyncio.get_running_loop()
+    if loop is None or loop is current:
+        return await coroutine
+    if loop.is_closed() or not loop.is_running():
+        coroutine.close()
+        raise RuntimeError(
+            "the event loop these connections belong to is not running; close the registry "
+            "with 'await registry.aclose()' from that loop"
+        )
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))

@@ -1,0 +1,331 @@
+"""The keeper: the lifecycle state machine and borrow accounting of one wrapped pool.
+
+Everything here is pure bookkeeping under one lock: may this checkout happen, how many
+connections are out and who holds them, and waking whoever waits for them to come back.
+No I/O happens here; the adapter's driver (``poolkeeper.adapters``) does that, and
+``poolkeeper._shutdown`` runs the steps in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_entry, untracked_entry
+from poolkeeper._concurrency import wake_soon
+from poolkeeper._leak_watch import watch_for_leak
+from poolkeeper.errors import PoolClosedError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from poolkeeper.adapters._base import Driver
+
+__all__ = ["Keeper", "KeeperState"]
+
+logger = logging.getLogger("poolkeeper.keeper")
+
+
+class KeeperState(enum.Enum):
+    """Where a keeper is in its life. It only ever moves down this list."""
+
+    #: Lending connections normally.
+    OPEN = "open"
+    #: Closing has started: new checkouts are refused, borrowed connections are awaited.
+    DRAINING = "draining"
+    #: The drain deadline passed: connections still borrowed are being force-closed.
+    FORCING = "forcing"
+    #: Every physical connection is closed; checkouts are refused for good.
+    CLOSED = "closed"
+
+
+_ORDER = {state: index for index, state in enumerate(KeeperState)}
+# Typed as the enum, not its literal, so that reading the state twice is not "unreachable".
+_OPEN: KeeperState = KeeperState.OPEN
+
+
+class Keeper:
+    """The lifecycle manager of one wrapped pool or client.
+
+    Keepers are made by :func:`poolkeeper.wrap` / :meth:`Registry.wrap`, never directly.
+    Adapters call the ``admit`` / ``lend`` / ``checkin`` trio; everything else is read-only
+    for users.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        driver: Driver,
+        *,
+        drain_timeout: float,
+        close_timeout: float,
+        depends_on: Sequence[str],
+        track_borrowers: bool,
+        leak_threshold: float | None,
+    ) -> None:
+        self._name = name
+        self._driver = driver
+        self.drain_timeout = drain_timeout
+        self.close_timeout = close_timeout
+        self.depends_on: tuple[str, ...] = tuple(depends_on)
+        # Tracking is implied by a leak threshold: a leak warning without its borrow site is useless.
+        self._track = track_borrowers or leak_threshold is not None
+        self._leak_threshold = leak_threshold
+        self._new_entry = tracked_entry if self._track else untracked_entry
+        self._lock = threading.Lock()
+        self._state = KeeperState.OPEN
+        self._borrows: dict[Any, Entry] = {}
+        self._gc_leaks: list[Borrower] = []
+        self._force_requested = False
+        self._drain_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._thread_waiters: list[threading.Event] = []
+        self._returned_while_draining = 0
+
+    # -- read-only surface ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The keeper's name, unique in its registry."""
+        return self._name
+
+    @property
+    def kind(self) -> str:
+        """What it wraps: ``"sqlalchemy"``, ``"asyncpg"``, ``"redis"``, ``"aiohttp"``..."""
+        return self._driver.kind
+
+    @property
+    def resource(self) -> Any:
+        """The wrapped object, as ``wrap()`` returned it."""
+        return self._driver.resource
+
+    @property
+    def driver(self) -> Driver:
+        """The adapter that does this keeper's I/O. Internal."""
+        return self._driver
+
+    @property
+    def state(self) -> KeeperState:
+        """The current :class:`KeeperState`."""
+        return self._state
+
+    @property
+    def borrowed(self) -> int:
+        """How many connections are out right now."""
+        return len(self._borrows)
+
+    @property
+    def tracks_borrowers(self) -> bool:
+        """Whether borrow sites are recorded (``track_borrowers`` or ``leak_threshold``)."""
+        return self._track
+
+    def borrowers(self) -> list[Borrower]:
+        """Who holds a connection now, since when, and (when tracked) where it was borrowed."""
+        with self._lock:
+            borrows = list(self._borrows.items())
+        return [Borrow(connection, entry).view(self._name) for connection, entry in borrows]
+
+    def gc_leaks(self, *, clear: bool = False) -> list[Borrower]:
+        """Borrowers whose connection only came back through the garbage collector (tracked keepers)."""
+        with self._lock:
+            leaks = list(self._gc_leaks)
+            if clear:
+                self._gc_leaks.clear()
+        return leaks
+
+    def __repr__(self) -> str:
+        return f"<Keeper {self._name!r} kind={self.kind} state={self._state.value} borrowed={self.borrowed}>"
+
+    # -- the checkout protocol adapters call ------------------------------------------------
+
+    def refusal(self) -> PoolClosedError:
+        """The error a refused checkout raises."""
+        return PoolClosedError(self._name, self._state.value)
+
+    @property
+    def lending(self) -> bool:
+        """True while checkouts are admitted."""
+        return self._state is KeeperState.OPEN
+
+    def admit(self) -> None:
+        """Raise :class:`PoolClosedError` if closing has started; call before checking out."""
+        if self._state is not _OPEN:
+            raise self.refusal()
+
+    def lend(self, connection: Any, holder: Any = None) -> bool:
+        """``connection`` has been checked out; returns False if it must be given back and refused.
+
+        Lock-free while open: this runs on every checkout. A checkout that raced the start of
+        closing is still counted (and drained); one that completes after forcing began is not
+        accepted, so nothing is lent that the force-close has already passed over.
+
+        Args:
+            connection: the library's unit of checkout (a key: record, connection object...).
+            holder: ``None``, or a weakref to the object the user holds; if it is dead when the
+                connection comes back, the garbage collector returned it (a leak).
+        """
+        entry = self._new_entry(holder)
+        if self._borrows.setdefault(connection, entry) is not entry:
+            return True  # the same connection handed out again (SingletonThreadPool): one borrow
+        if self._state is not _OPEN and not self._accept_late(connection):
+            return False
+        if self._leak_threshold is not None:
+            watch_for_leak(self, Borrow(connection, entry), self._leak_threshold)
+        return True
+
+    def _accept_late(self, connection: Any) -> bool:
+        # A checkout completing after closing started: drained like the rest while draining,
+        # refused once forcing began (the force-close has already passed it over).
+        with self._lock:
+            if self._state is KeeperState.DRAINING:
+                return True
+            self._borrows.pop(connection, None)
+            return False
+
+    def checkin(self, connection: Any) -> None:
+        """``connection`` came back (from its borrower, or from the garbage collector)."""
+        if self._state is _OPEN:
+            entry = self._borrows.pop(connection, None)
+            if self._state is _OPEN:  # read again: closing may have started since the pop
+                if entry is not None and collected(entry):
+                    self._note_gc_return(connection, entry)
+                return
+            # Closing started meanwhile: count the return and wake the closer, as below.
+            with self._lock:
+                self._returned_during_close(entry)
+        else:
+            with self._lock:
+                entry = self._borrows.pop(connection, None)
+                self._returned_during_close(entry)
+            if self._state is KeeperState.CLOSED:
+                self._driver.returned_after_close()
+        if entry is not None and collected(entry):
+            self._note_gc_return(connection, entry)
+
+    def _returned_during_close(self, entry: Entry | None) -> None:
+        # Called with the lock held. Returns after the force-close began were counted as forced.
+        if entry is not None and self._state is KeeperState.DRAINING:
+            self._returned_while_draining += 1
+        self._wake_if_drained()
+
+    def _note_gc_return(self, connection: Any, entry: Entry) -> None:
+        view = Borrow(connection, entry).view(self._name, returned_by_gc=True)
+        if self._track:
+            with self._lock:
+                self._gc_leaks.append(view)
+        logger.warning(
+            "poolkeeper %r: a connection was returned by the garbage collector, not by its borrower%s",
+            self._name,
+            "" if view.site is None else f"; borrowed at {view.site}",
+            extra={"poolkeeper_keeper": self._name, "poolkeeper_borrow_site": view.site},
+        )
+
+    def is_borrowed(self, connection: Any, entry: Entry) -> bool:
+        """True if ``connection`` is still out under this very borrow entry."""
+        return self._borrows.get(connection) is entry
+
+    # -- lifecycle steps, driven by poolkeeper._shutdown --------------------------------------
+
+    def _wake_if_drained(self) -> None:
+        # Called with the lock held.
+        if self._state is KeeperState.OPEN:
+            return
+        if self._force_requested or not self._borrows:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for loop, future in waiters:
+                wake_soon(loop, future)
+            events, self._thread_waiters = self._thread_waiters, []
+            for event in events:
+                event.set()
+
+    def _advance(self, state: KeeperState) -> bool:
+        """Move forward to ``state``; returns False if already there or beyond."""
+        with self._lock:
+            if _ORDER[state] <= _ORDER[self._state]:
+                return False
+            previous, self._state = self._state, state
+            borrowed = len(self._borrows)
+            self._wake_if_drained()
+        logger.info(
+            "poolkeeper %r: %s -> %s (%d borrowed)",
+            self._name,
+            previous.value,
+            state.value,
+            borrowed,
+            extra={
+                "poolkeeper_keeper": self._name,
+                "poolkeeper_kind": self.kind,
+                "poolkeeper_state": state.value,
+                "poolkeeper_previous_state": previous.value,
+                "poolkeeper_borrowed": borrowed,
+            },
+        )
+        return True
+
+    def start_closing(self) -> bool:
+        """OPEN -> DRAINING and wake the library's queued waiters; False if already closing."""
+        if not self._advance(KeeperState.DRAINING):
+            return False
+        self._driver.refuse()
+        return True
+
+    def request_force(self) -> None:
+        """Cut the drain short now: whoever waits in :meth:`wait_drained` wakes at once."""
+        with self._lock:
+            self._force_requested = True
+            self._wake_if_drained()
+
+    @property
+    def drained(self) -> bool:
+        """True when nothing is borrowed."""
+        return not self._borrows
+
+    @property
+    def returned_while_draining(self) -> int:
+        """Connections given back between the start of closing and the force-close."""
+        return self._returned_while_draining
+
+    async def wait_drained(self, timeout: float | None) -> bool:
+        """Wait, event-driven, until nothing is borrowed; False on timeout or a forced close."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.drained:
+                return True
+            if self._force_requested:
+                return False
+            future: asyncio.Future[None] = loop.create_future()
+            self._drain_waiters.append((loop, future))
+        try:
+            await asyncio.wait((future,), timeout=timeout)
+        finally:
+            with self._lock:
+                if (loop, future) in self._drain_waiters:
+                    self._drain_waiters.remove((loop, future))
+        return self.drained
+
+    def wait_drained_blocking(self, timeout: float | None) -> bool:
+        """Thread-blocking twin of :meth:`wait_drained`, for code with no event loop."""
+        event = threading.Event()
+        with self._lock:
+            if self.drained:
+                return True
+            if self._force_requested:
+                return False
+            self._thread_waiters.append(event)
+        event.wait(timeout)
+        with self._lock:
+            if event in self._thread_waiters:
+                self._thread_waiters.remove(event)
+            return self.drained
+
+    def start_forcing(self) -> list[Borrow]:
+        """DRAINING -> FORCING; returns the borrows still out, to be force-closed."""
+        self._advance(KeeperState.FORCING)
+        with self._lock:
+            return [Borrow(connection, entry) for connection, entry in self._borrows.items()]
+
+    def mark_closed(self) -> None:
+        """-> CLOSED: every physical connection has been closed."""
+        self._advance(KeeperState.CLOSED)

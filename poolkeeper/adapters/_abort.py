@@ -1,0 +1,94 @@
+"""Aborting one database connection from outside the thread or task that uses it.
+
+Force-close is an abort, not a polite goodbye: first cancel the running statement on the
+server (so no backend keeps running an orphaned query, which asyncpg's ``terminate()`` leaves
+behind), then shut the socket down. ``shutdown(2)`` on a duplicate of the file descriptor wakes
+the borrower blocked in a read at once, sends no bytes the peer must acknowledge, and never
+frees the descriptor under the borrower's feet.
+
+Each driver is recognised by its module name, so this module imports no driver itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
+from poolkeeper._concurrency import run_blocking
+
+__all__ = ["cancel_statement", "shutdown_socket", "socket_fd"]
+
+
+def shutdown_socket(fd: int) -> None:
+    """Shut down both directions of the socket behind ``fd`` without closing ``fd``."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError:
+        return  # already closed by its owner
+    try:
+        with socket.socket(fileno=duplicate) as sock, contextlib.suppress(OSError):  # not connected any more
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        os.close(duplicate)  # not a socket (a pipe or file): nothing to shut down
+
+
+def _module(connection: Any) -> str:
+    return type(connection).__module__.split(".")[0]
+
+
+def socket_fd(connection: Any) -> int | None:
+    """The socket file descriptor of a driver-level connection, or ``None`` if unknown or closed."""
+    module = _module(connection)
+    try:
+        if module == "psycopg":
+            return int(connection.pgconn.socket)
+        if module == "asyncpg":
+            transport = connection._transport  # noqa: SLF001 -- asyncpg exposes no public socket
+            sock = None if transport is None else transport.get_extra_info("socket")
+            return None if sock is None else int(sock.fileno())
+        fileno = getattr(connection, "fileno", None)  # psycopg2, mysqlclient
+        if callable(fileno):
+            return int(fileno())
+        sock = getattr(connection, "_sock", None)  # PyMySQL
+        if sock is not None:
+            return int(sock.fileno())
+    except Exception:  # noqa: BLE001 -- a closed connection raises; it has no socket to cut
+        return None
+    return None
+
+
+async def cancel_statement(connection: Any, timeout: float) -> bool:
+    """Ask the server to cancel what ``connection`` is running; True if a cancel was sent.
+
+    Runs on whatever loop is current: every method opens its own short-lived cancel
+    connection and touches nothing the borrower is using.
+    """
+    module = _module(connection)
+    if module == "psycopg":
+        if asyncio.iscoroutinefunction(connection.cancel_safe):  # psycopg.AsyncConnection
+            await connection.cancel_safe(timeout=timeout)
+        else:
+            await run_blocking(lambda: connection.cancel_safe(timeout=timeout), name="poolkeeper-pg-cancel")
+        return True
+    if module == "psycopg2":
+        await run_blocking(connection.cancel, name="poolkeeper-pg-cancel")
+        return True
+    if module == "asyncpg":
+        from asyncpg import connect_utils  # noqa: PLC0415 -- loaded already: it made `connection`
+
+        protocol = connection._protocol  # noqa: SLF001 -- the backend key lives on the protocol
+        await connect_utils._cancel(  # noqa: SLF001 -- the cancel request Connection._cancel sends
+            loop=asyncio.get_running_loop(),
+            addr=connection._addr,  # noqa: SLF001
+            params=connection._params,  # noqa: SLF001
+            backend_pid=protocol.backend_pid,
+            backend_secret=protocol.backend_secret,
+        )
+        return True
+    if module == "sqlite3" or (type(connection).__name__ == "Connection" and hasattr(connection, "interrupt")):
+        connection.interrupt()  # sqlite3 documents interrupt() as safe from another thread
+        return True
+    return False

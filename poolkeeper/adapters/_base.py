@@ -1,0 +1,78 @@
+"""What every adapter implements: the driver that does one library's I/O for its keeper.
+
+The keeper (``poolkeeper._keeper``) decides; the driver acts. A driver installs its guards
+on the wrapped object (``attach``), wakes the library's own queued waiters when refusal
+starts (``refuse``), aborts borrowed connections (``force_close``) and closes the physical
+connections (``close_connections``). The last two are coroutines for every library: sync
+libraries run their blocking calls in daemon threads (``run_blocking``), so a call stuck on a
+dead peer can be abandoned at the deadline without holding up the process's exit.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from poolkeeper._concurrency import run_blocking, run_on_loop
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Awaitable, Sequence
+
+    from poolkeeper._borrowers import Borrow
+    from poolkeeper._keeper import Keeper
+
+__all__ = ["Driver", "run_blocking", "run_on_loop"]
+
+
+class Driver(abc.ABC):
+    """The I/O half of a keeper, one subclass per wrapped library."""
+
+    #: Short name of the library, shown as the keeper's ``kind``.
+    kind: ClassVar[str]
+
+    def __init__(self, resource: Any) -> None:
+        self.resource = resource
+        self._keeper: Keeper | None = None
+
+    @property
+    def keeper(self) -> Keeper:
+        """The keeper this driver serves (set by :meth:`attach`)."""
+        if self._keeper is None:
+            raise RuntimeError("driver used before attach()")
+        return self._keeper
+
+    @property
+    def home_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the connections live on; ``None`` for thread-based libraries."""
+        return None
+
+    def attach(self, keeper: Keeper) -> None:
+        """Install the guards on the resource. Must undo itself if it fails halfway."""
+        self._keeper = keeper
+
+    @abc.abstractmethod
+    def refuse(self) -> None:
+        """Wake checkouts queued inside the library so they fail with the refusal at once.
+
+        Called once, from any thread, right after the keeper starts draining. Must not block.
+        """
+
+    @abc.abstractmethod
+    def force_close(self, borrows: Sequence[Borrow], timeout: float) -> Awaitable[None]:
+        """Abort the borrowed connections: cancel their work on the server, then cut the socket."""
+
+    @abc.abstractmethod
+    def close_connections(self) -> Awaitable[None]:
+        """Close every physical connection the pool still has (the caller bounds the time)."""
+
+    def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
+        """A connection came back after the keeper closed (a forced borrower, late): close it."""
+
+    def describe(self) -> str:
+        """What the resource points at, with no secret in it."""
+        return type(self.resource).__name__
+
+    def secrets(self) -> tuple[str, ...]:
+        """Literal secrets (passwords, tokens) that must be scrubbed from any text shown."""
+        return ()

@@ -1,0 +1,343 @@
+"""The SQLAlchemy keeper: ``Engine`` and ``AsyncEngine``, any pool class that checks out.
+
+``wrap()`` returns the same engine. Its pool object gets a guarded subclass as its class
+(``__class__`` assignment keeps every attribute, ``isinstance`` and the engine's reference),
+and so does the pool's queue, so that:
+
+* ``Pool.connect()`` asks the keeper first: once closing starts, ``engine.connect()``,
+  ``begin()`` and ``raw_connection()`` raise :class:`~poolkeeper.PoolClosedError` at once;
+* threads (or tasks) already blocked in the queue waiting for a free connection are woken
+  and fail with the same error, instead of waiting for ``pool_timeout``;
+* every return, including the garbage collector's, is counted, so the closer wakes on the last;
+* after close, ``engine.dispose()`` does not build a fresh pool: the engine keeps refusing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util import queue as sqla_queue
+
+from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
+from poolkeeper.adapters._abort import cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._base import Driver
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from poolkeeper._borrowers import Borrow
+    from poolkeeper._keeper import Keeper
+
+__all__ = ["SQLAlchemyDriver", "make_driver"]
+
+
+class _RefusingQueue(sqla_queue.Queue[Any]):
+    """QueuePool's queue once the keeper stops lending: every ``get`` fails with the refusal.
+
+    The queue keeps its own class while the keeper lends, so checkouts pay nothing for this;
+    :func:`_refuse_queue` swaps the class in under the queue's lock and wakes the waiters.
+    """
+
+    _pk_keeper: Keeper
+
+    def _empty(self) -> bool:
+        return False  # "not empty" lets blocked getters leave their wait loop and reach _get()
+
+    def _get(self) -> Any:
+        raise self._pk_keeper.refusal()
+
+
+def _refuse_queue(queue: sqla_queue.Queue[Any], keeper: Keeper) -> None:
+    """Make ``queue`` refuse every ``get`` from now on and wake the threads blocked in it."""
+    with queue.not_empty:
+        queue._pk_keeper = keeper  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _RefusingQueue
+        queue.__class__ = _RefusingQueue
+        queue.not_empty.notify_all()
+
+
+def _take_all(queue: sqla_queue.Queue[Any]) -> list[Any]:
+    """Remove and return every idle record of a (refusing) sync queue."""
+    with queue.mutex:
+        items = list(queue.queue)
+        queue.queue.clear()
+        queue.not_full.notify_all()
+        return items
+
+
+class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
+    """AsyncAdaptedQueuePool's queue, with waits that the refusal interrupts."""
+
+    _pk_keeper: Keeper
+    _pk_waiters: set[asyncio.Future[None]]
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Take an idle record, waiting if allowed; refused once the keeper stops lending."""
+        keeper = self._pk_keeper
+        if not keeper.lending:
+            raise keeper.refusal()
+        if not block:
+            return self.get_nowait()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        return await_(self._wait_for_item(timeout))
+
+    async def _wait_for_item(self, timeout: float | None) -> Any:
+        refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pk_waiters.add(refused)
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait((getter, refused), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pk_waiters.discard(refused)
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            item = getter.result()
+            if self._pk_keeper.lending:
+                return item
+            self._queue.put_nowait(item)  # refused in the same instant: give it back for the sweep
+        if not self._pk_keeper.lending:
+            raise self._pk_keeper.refusal()
+        raise sqla_queue.Empty
+
+    def wake_waiters(self) -> None:
+        """Wake every task waiting in ``get``, from any thread: each will meet the refusal."""
+        for future in list(self._pk_waiters):
+            wake_soon(future.get_loop(), future)
+
+    def take_all(self) -> list[Any]:
+        """Remove and return every idle record."""
+        if "_queue" not in self.__dict__:  # never used: created lazily, nothing inside
+            return []
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return items
+
+
+# The guarded pool class: the engine's own pool class with four methods wrapped. They are
+# module-level functions rather than a class body so that the hot path (connect and return)
+# is one call deep, reads no properties and makes no super() object.
+
+
+def _connect(pool: Any) -> Any:
+    keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
+    keeper.admit()
+    fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+    # The record is the pool's unit of checkout. Its fairy_ref, SQLAlchemy's own weakref to the
+    # fairy the user holds, tells on return whether the garbage collector collected the fairy.
+    record = fairy._connection_record  # noqa: SLF001
+    if not keeper.lend(record, record.fairy_ref):
+        fairy.close()
+        raise keeper.refusal()
+    return fairy
+
+
+def _connect_async(pool: Any) -> Any:
+    fairy = _connect(pool)
+    pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
+    return fairy
+
+
+def _do_return_conn(pool: Any, record: ConnectionPoolEntry) -> None:
+    # Back in the pool first: the return may wake the closer, which then closes idle connections.
+    pool._pk_library_return(record)  # noqa: SLF001 -- the pool class's own _do_return_conn()
+    pool._pk_keeper.checkin(record)  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
+
+
+def _recreate(pool: Any) -> Pool:
+    driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
+    if not driver.keeper.lending:
+        return pool  # type: ignore[no-any-return]  # Engine.dispose() after close keeps this refusing pool
+    fresh: Pool = pool._pk_library_recreate()  # noqa: SLF001 -- the pool class's own recreate()
+    driver.guard(fresh)
+    return fresh
+
+
+def _dispose(pool: Any) -> None:
+    driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
+    if driver.keeper.lending:
+        pool._pk_library_dispose()  # noqa: SLF001 -- the pool class's own dispose()
+    else:
+        driver.close_idle_now(pool)  # never touch the refusing queue through Pool.dispose()
+
+
+_guarded_classes: dict[tuple[type[Pool], bool], type[Pool]] = {}
+_guarded_lock = threading.Lock()
+
+
+def _guarded_class(cls: type[Pool], *, is_async: bool) -> type[Pool]:
+    """A subclass of ``cls`` whose checkouts and returns go through the keeper; one per pool class.
+
+    A plain subclass (a mixin in front would change the instance layout), so that
+    ``pool.__class__`` can be swapped in place and ``isinstance(pool, cls)`` still holds.
+    """
+    if cls in _guarded_classes.values():  # a pool made by recreate() of a guarded pool
+        return cls
+    with _guarded_lock:
+        if (cls, is_async) not in _guarded_classes:
+            namespace = {
+                "__module__": __name__,
+                "__qualname__": cls.__qualname__,
+                "connect": _connect_async if is_async else _connect,
+                "_do_return_conn": _do_return_conn,
+                "recreate": _recreate,
+                "dispose": _dispose,
+                "_pk_library_connect": cls.connect,
+                "_pk_library_return": cls._do_return_conn,
+                "_pk_library_recreate": cls.recreate,
+                "_pk_library_dispose": cls.dispose,
+            }
+            _guarded_classes[cls, is_async] = type(cls.__name__, (cls,), namespace)
+        return _guarded_classes[cls, is_async]
+
+
+class SQLAlchemyDriver(Driver):
+    """Keeps one SQLAlchemy engine (sync, or the sync core of an ``AsyncEngine``)."""
+
+    kind = "sqlalchemy"
+
+    def __init__(self, resource: Any, engine: Engine) -> None:
+        super().__init__(resource)
+        self.engine = engine
+        self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.is_async = bool(engine.pool._is_asyncio)  # noqa: SLF001 -- the flag telling async pools apart
+        self._originals: list[tuple[Pool, type[Pool], Any, type[Any] | None]] = []
+
+    @property
+    def home_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop of the last async checkout (``None`` for sync engines)."""
+        return self.loop
+
+    def describe(self) -> str:
+        """The engine URL with its password masked."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The URL's password, to be scrubbed from error texts."""
+        password = self.engine.url.password
+        return (str(password),) if password else ()
+
+    # -- guards -------------------------------------------------------------------------------
+
+    def attach(self, keeper: Keeper) -> None:
+        """Guard the engine's pool; undone if that fails."""
+        super().attach(keeper)
+        try:
+            self.guard(self.engine.pool)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Undo :meth:`guard` on every pool (used when registration fails halfway)."""
+        for pool, pool_class, queue, queue_class in reversed(self._originals):
+            if queue is not None and queue_class is not None:
+                queue.__class__ = queue_class
+            pool.__class__ = pool_class
+        self._originals.clear()
+
+    def guard(self, pool: Pool) -> None:
+        """Give ``pool`` (and its queue) their guarded classes."""
+        queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
+        original_queue_class = type(queue) if queue is not None else None
+        library_class = next(cls for cls in type(pool).__mro__ if cls not in _guarded_classes.values())
+        self._originals.append((pool, library_class, queue, original_queue_class))
+        if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
+            # Async waiters must be registered as they start waiting, so this class is in
+            # place from the start; the sync queue is swapped only at refusal time.
+            queue.__class__ = _GuardedAsyncQueue
+            queue._pk_waiters = set()  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _GuardedAsyncQueue
+            queue._pk_keeper = self.keeper  # type: ignore[attr-defined]  # noqa: SLF001
+        elif queue is not None and not isinstance(queue, sqla_queue.Queue):
+            raise TypeError(f"unknown SQLAlchemy queue class {type(queue).__qualname__}")
+        pool._pk_driver = self  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the guarded class
+        pool._pk_keeper = self.keeper  # type: ignore[attr-defined]  # noqa: SLF001
+        pool.__class__ = _guarded_class(type(pool), is_async=self.is_async)
+        self.pools.add(pool)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def refuse(self) -> None:
+        """Wake the threads or tasks queued for a connection in any of the engine's pools."""
+        for pool in list(self.pools):
+            queue = getattr(pool, "_pool", None)
+            if isinstance(queue, _GuardedAsyncQueue):
+                queue.wake_waiters()
+            elif isinstance(queue, sqla_queue.Queue) and isinstance(pool, QueuePool):
+                _refuse_queue(queue, self.keeper)
+
+    async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:
+        """Cancel every borrowed connection's statement on the server, then cut its socket."""
+        connections = [
+            borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
+        ]
+        # Cancel first, all at once: a backend whose client vanished keeps running its query.
+        cancels = [asyncio.ensure_future(cancel_statement(connection, timeout)) for connection in connections]
+        if cancels:
+            await asyncio.wait(cancels, timeout=timeout / 2 or None)
+            for cancel in cancels:
+                if not cancel.done():
+                    cancel.cancel()
+                elif not cancel.cancelled():
+                    cancel.exception()  # a failed cancel still gets its socket cut below
+        for connection in connections:
+            fd = socket_fd(connection)
+            if fd is not None:
+                shutdown_socket(fd)
+
+    def _take_idle(self, pool: Pool) -> list[Any]:
+        queue = getattr(pool, "_pool", None)
+        if isinstance(queue, (_RefusingQueue, _GuardedAsyncQueue)):
+            records = _take_all(queue) if isinstance(queue, _RefusingQueue) else queue.take_all()
+            pool._overflow = 0 - pool.size()  # type: ignore[attr-defined]  # noqa: SLF001 -- as QueuePool.dispose does
+            return records
+        return []
+
+    def returned_after_close(self) -> None:
+        """A forced borrower gave its connection back after the sweep: close it too."""
+        for pool in list(self.pools):
+            self.close_idle_now(pool)
+
+    def close_idle_now(self, pool: Pool) -> None:
+        """Close the idle connections of ``pool`` in this thread (or greenlet)."""
+        records = self._take_idle(pool)
+        for record in records:
+            record.close()
+        if not isinstance(pool, QueuePool):
+            pool._pk_library_dispose()  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
+
+    async def close_connections(self) -> None:
+        """Close the idle connections of every pool (in a thread, or on the engine's loop)."""
+        pools = list(self.pools)
+
+        def close_all() -> None:
+            for pool in pools:
+                self.close_idle_now(pool)
+
+        if self.is_async:
+            if self.loop is not None:  # None: never used, no connection was ever opened
+                await run_on_loop(self.loop, greenlet_spawn(close_all))
+            return
+        await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+
+
+def make_driver(resource: Any) -> SQLAlchemyDriver:
+    """The driver for an ``Engine`` or an ``AsyncEngine`` (whose ``sync_engine`` it keeps)."""
+    engine = getattr(resource, "sync_engine", resource)
+    if not isinstance(engine, Engine):
+        raise TypeError(f"expected a SQLAlchemy Engine or AsyncEngine, got {type(resource).__qualname__}")
+    return SQLAlchemyDriver(resource, engine)

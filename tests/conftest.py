@@ -1,0 +1,118 @@
+"""Shared fixtures: the real PostgreSQL server, unique application names, engines that clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_url() -> str:
+    """The server the suite talks to: ``POOLKEEPER_POSTGRES_URL`` or the loopback default."""
+    return os.environ.get("POOLKEEPER_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A libpq URL of a reachable PostgreSQL; the run fails (never skips) when there is none."""
+    url = postgres_url()
+    try:
+        with psycopg.connect(url, connect_timeout=5) as connection:
+            connection.execute("select 1")
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PostgreSQL is not reachable at {url}: {error}. Start it or set POOLKEEPER_POSTGRES_URL.")
+    return url
+
+
+def sqlalchemy_url(url: str, driver: str, password: str | None = None) -> sa.URL:
+    """``url`` for SQLAlchemy with the given driver (and a password, for the redaction tests)."""
+    parsed = sa.make_url(url).set(drivername=f"postgresql+{driver}")
+    if password is not None:
+        parsed = parsed.set(password=password)
+    return parsed
+
+
+class Server:
+    """A side connection to PostgreSQL that looks at what the backends of one test are doing."""
+
+    def __init__(self, url: str, application_name: str) -> None:
+        self.application_name = application_name
+        self._connection = psycopg.connect(url, autocommit=True)
+
+    def backends(self) -> list[tuple[int, str, str]]:
+        """(pid, state, query) of every backend this test opened."""
+        rows = self._connection.execute(
+            "select pid, coalesce(state, ''), query from pg_stat_activity where application_name = %s",
+            (self.application_name,),
+        ).fetchall()
+        return [(int(pid), str(state), str(query)) for pid, state, query in rows]
+
+    def running(self, fragment: str) -> list[int]:
+        """Pids of this test's backends actively running a query that contains ``fragment``."""
+        return [pid for pid, state, query in self.backends() if state == "active" and fragment in query]
+
+    def settle(self, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+        """Re-check server state until ``predicate`` holds or ``timeout`` passes.
+
+        The server offers no event for "a backend has exited", so this polls; the bound is a
+        ceiling for the server's own bookkeeping, never a wait for poolkeeper to act.
+        """
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def terminate_all(self) -> None:
+        self._connection.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s",
+            (self.application_name,),
+        )
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+@pytest.fixture
+def application_name() -> str:
+    """A name unique to this test, set on every connection it opens."""
+    return f"pk-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def server(pg_url: str, application_name: str) -> Iterator[Server]:
+    """The side connection for this test; kills leftover backends at teardown."""
+    side = Server(pg_url, application_name)
+    yield side
+    side.terminate_all()
+    side.close()
+
+
+@pytest.fixture
+def make_engine(pg_url: str, application_name: str) -> Iterator[Callable[..., sa.Engine]]:
+    """Build sync engines on the test server tagged with this test's application name."""
+    engines: list[sa.Engine] = []
+
+    def make(driver: str = "psycopg", password: str | None = None, **options: Any) -> sa.Engine:
+        engine = sa.create_engine(
+            sqlalchemy_url(pg_url, driver, password),
+            connect_args={"application_name": application_name},
+            **options,
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        with contextlib.suppress(Exception):
+            engine.dispose()
