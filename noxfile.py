@@ -6,17 +6,16 @@ import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
-PYTHON = "3.11"
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against the real PostgreSQL and Redis (see README for the URLs)."""
     session.install("-e", ".[all,dev]")
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """Ruff, lint and format check."""
     session.install("ruff>=0.5")
@@ -24,14 +23,14 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def typecheck(session: nox.Session) -> None:
     """Mypy --strict over the library, the tests and the benchmarks."""
     session.install("-e", ".[all,dev]", "nox")
     session.run("mypy")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """The performance suite: overhead ratios against the raw libraries, drain wake-up latency."""
     session.install("-e", ".[all,dev]")

@@ -14,6 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Database 9: the suite never touches database 0, and never flushes anything it did not create.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 
 
 def postgres_url() -> str:
@@ -39,6 +41,22 @@ def sqlalchemy_url(url: str, driver: str, password: str | None = None) -> sa.URL
     if password is not None:
         parsed = parsed.set(password=password)
     return parsed
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A URL of a reachable Redis (never database 0); the run fails (never skips) when there is none."""
+    import redis  # noqa: PLC0415 -- only the Redis tests pay for importing it
+
+    url = os.environ.get("POOLKEEPER_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        pytest.fail(f"Redis is not reachable at {url}: {error}. Start it or set POOLKEEPER_REDIS_URL.")
+    finally:
+        client.close()
+    return url
 
 
 class Server:

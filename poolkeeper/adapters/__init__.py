@@ -18,6 +18,10 @@ __all__ = ["SUPPORTED", "Driver", "driver_for"]
 _ADAPTERS: dict[str, tuple[str, str]] = {
     "sqlalchemy.engine.base.Engine": ("poolkeeper.adapters.sqlalchemy", "SQLAlchemy Engine"),
     "sqlalchemy.ext.asyncio.engine.AsyncEngine": ("poolkeeper.adapters.sqlalchemy", "SQLAlchemy AsyncEngine"),
+    "asyncpg.pool.Pool": ("poolkeeper.adapters.asyncpg", "asyncpg Pool"),
+    "redis.client.Redis": ("poolkeeper.adapters.redis", "redis-py Redis"),
+    "redis.asyncio.client.Redis": ("poolkeeper.adapters.redis", "redis.asyncio Redis"),
+    "aiohttp.client.ClientSession": ("poolkeeper.adapters.aiohttp", "aiohttp ClientSession"),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.
