@@ -24,14 +24,14 @@ class Comparison:
         """Median of the per-round ratios: each round pairs neighbouring raw and wrapped runs."""
         return statistics.median(w / r for r, w in zip(self.raw, self.wrapped, strict=True))
 
-    def row(self, goal: float) -> str:
+    def row(self, goal: float | None) -> str:
         raw_us = statistics.median(self.raw) * 1e6
         wrapped_us = statistics.median(self.wrapped) * 1e6
-        verdict = "ok" if self.ratio <= goal else "OVER GOAL"
-        return (
-            f"{self.name:<44} {raw_us:>9.2f} us {wrapped_us:>9.2f} us {self.ratio:>7.3f}x"
-            f"  (goal <= {goal:.2f}x) {verdict}"
-        )
+        if goal is None:
+            verdict = "(no goal)"
+        else:
+            verdict = f"(goal <= {goal:.2f}x) " + ("ok" if self.ratio <= goal else "OVER GOAL")
+        return f"{self.name:<44} {raw_us:>9.2f} us {wrapped_us:>9.2f} us {self.ratio:>7.3f}x  {verdict}"
 
 
 def per_op(operation: Callable[[], object], count: int) -> float:

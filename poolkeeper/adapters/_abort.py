@@ -19,7 +19,7 @@ from typing import Any
 
 from poolkeeper._concurrency import run_blocking
 
-__all__ = ["cancel_statement", "shutdown_socket", "socket_fd"]
+__all__ = ["cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
 
 
 def shutdown_socket(fd: int) -> None:
@@ -92,3 +92,15 @@ async def cancel_statement(connection: Any, timeout: float) -> bool:
         connection.interrupt()  # sqlite3 documents interrupt() as safe from another thread
         return True
     return False
+
+
+def say_goodbye(connection: Any) -> None:
+    """Close an idle connection without waiting for the server to hang up, where that is faster.
+
+    asyncpg's graceful ``close()`` sends Terminate and then waits for the server to close the
+    socket (about 1.5 ms on loopback); its ``terminate()`` sends the same Terminate and closes at
+    once. On an idle connection nothing is in flight, so the server still ends the session
+    cleanly. Other drivers already close without waiting; for them this does nothing.
+    """
+    if _module(connection) == "asyncpg" and not connection.is_closed():
+        connection.terminate()

@@ -25,7 +25,7 @@ from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
-from poolkeeper.adapters._abort import cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import cancel_statement, say_goodbye, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver
 
 if TYPE_CHECKING:
@@ -316,6 +316,8 @@ class SQLAlchemyDriver(Driver):
         """Close the idle connections of ``pool`` in this thread (or greenlet)."""
         records = self._take_idle(pool)
         for record in records:
+            if self.is_async and record.dbapi_connection is not None:
+                say_goodbye(record.driver_connection)
             record.close()
         if not isinstance(pool, QueuePool):
             pool._pk_library_dispose()  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
