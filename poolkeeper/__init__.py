@@ -14,10 +14,14 @@ from poolkeeper._hooks import Hook
 from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._registry import Registry, get_registry
 from poolkeeper._report import ResourceReport, ShutdownReport
+from poolkeeper._run import run
+from poolkeeper._signals import SignalHandlers, install_signal_handlers
 from poolkeeper._wrap import wrap
 from poolkeeper.errors import PoolClosedError, PoolkeeperError, RegistrationError, UnsupportedResourceError
+from poolkeeper.hooks import BackgroundTasks, flush_logging, stop_tasks
 
 __all__ = [
+    "BackgroundTasks",
     "Borrower",
     "Frame",
     "Hook",
@@ -29,8 +33,13 @@ __all__ = [
     "Registry",
     "ResourceReport",
     "ShutdownReport",
+    "SignalHandlers",
     "UnsupportedResourceError",
+    "flush_logging",
     "get_registry",
+    "install_signal_handlers",
+    "run",
+    "stop_tasks",
     "wrap",
 ]
 

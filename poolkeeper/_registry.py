@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from typing_extensions import Self
-
+from poolkeeper import _exit
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._hooks import Hook
 from poolkeeper._keeper import Keeper
-from poolkeeper._shutdown import Item, run_shutdown
+from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import check_name, check_timeout
 from poolkeeper.adapters import driver_for
 from poolkeeper.errors import RegistrationError
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from types import TracebackType
+
+    from typing_extensions import Self  # typing.Self is 3.11+; only annotations use it
 
     from poolkeeper._report import ShutdownReport
 
@@ -33,7 +36,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Which keeper manages a resource, whatever registry it is in: wrapping twice is a no-op,
 # and one resource is never managed by two registries.
-_managed: weakref.WeakKeyDictionary[Any, Keeper] = weakref.WeakKeyDictionary()
+# The keeper is held weakly too: it references the resource (through its driver), and a strong
+# value would keep every wrapped resource, and its registry's keeper, alive forever.
+_managed: weakref.WeakKeyDictionary[Any, weakref.ref[Keeper]] = weakref.WeakKeyDictionary()
 _managed_lock = threading.Lock()
 
 
@@ -52,6 +57,7 @@ class _Shutdown:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.force = ForceSwitch()
         self.report: ShutdownReport | None = None
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -110,7 +116,9 @@ class Registry:
         self._lock = threading.RLock()
         self._items: dict[str, Item] = {}
         self._draining = False
+        self._force_requested = False
         self._shutdown: _Shutdown | None = None
+        self._forced_close: asyncio.Future[ShutdownReport] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "closing" if self._shutdown else "draining" if self._draining else "open"
@@ -199,7 +207,8 @@ class Registry:
 
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
-            existing = _managed.get(resource) if _weakrefable(resource) else None
+            existing_ref = _managed.get(resource) if _weakrefable(resource) else None
+            existing = existing_ref() if existing_ref is not None else None
             if existing is not None:
                 if self._items.get(existing.name) is existing:
                     return resource
@@ -221,7 +230,8 @@ class Registry:
             driver.attach(keeper)  # raises, having undone itself, if the resource cannot be guarded
             self._items[name] = keeper
             if _weakrefable(resource):
-                _managed[resource] = keeper
+                _managed[resource] = weakref.ref(keeper)
+        _exit.track(self)
         logger.debug("poolkeeper: wrapped %s as %r", type(resource).__name__, name, extra={"poolkeeper_keeper": name})
         return driver.resource  # type: ignore[no-any-return]  # the same T that was passed in
 
@@ -343,34 +353,48 @@ class Registry:
 
     def start_draining(self) -> None:
         """Say that shutdown has been requested: readiness fails from now on, keepers still lend."""
-        with self._lock:
-            if self._draining:
-                return
-            self._draining = True
-        logger.info("poolkeeper: draining started; keepers still lend until the registry closes")
+        if self._mark_draining():
+            logger.info(
+                "poolkeeper: draining started; keepers still lend until the registry closes",
+                extra={"poolkeeper_event": "draining"},
+            )
+
+    def _mark_draining(self) -> bool:
+        """Set ``draining`` without a lock or a log line (a signal handler calls this); True if it changed."""
+        if self._draining:
+            return False
+        self._draining = True
+        return True
 
     def _begin(self) -> tuple[_Shutdown, bool]:
         with self._lock:
             if self._shutdown is not None:
                 return self._shutdown, False
-            self._shutdown = _Shutdown()
+            shutdown = _Shutdown()
+            if self._force_requested:
+                shutdown.force.trip()
+            self._shutdown = shutdown
             self._draining = True
-            return self._shutdown, True
+            return shutdown, True
 
     async def _run(self, shutdown: _Shutdown, deadline: float | None) -> ShutdownReport:
+        def publish(report: ShutdownReport) -> None:
+            # Also called when the task running the shutdown is cancelled: the force-close has
+            # finished, so every other caller gets the report while the cancellation propagates.
+            shutdown.finish(report)
+            logger.log(
+                logging.INFO if report.ok else logging.WARNING,
+                "%s",
+                report,
+                extra={"poolkeeper_report": report.to_dict()},
+            )
+
         try:
-            report = await run_shutdown(dict(self._items), deadline)
+            return await run_shutdown(dict(self._items), deadline, shutdown.force, publish)
         except BaseException as error:
-            shutdown.finish(None, error)
+            if not shutdown.done.is_set():
+                shutdown.finish(None, error)
             raise
-        shutdown.finish(report)
-        logger.log(
-            logging.INFO if report.ok else logging.WARNING,
-            "%s",
-            report,
-            extra={"poolkeeper_report": report.to_dict()},
-        )
-        return report
 
     async def aclose(self, deadline: float | None = None) -> ShutdownReport:
         """Close everything and return the report. Idempotent; concurrent callers share one shutdown.
@@ -378,6 +402,10 @@ class Registry:
         Args:
             deadline: seconds the whole shutdown may take; drains that would overrun it are cut
                 short and force-closed in time. ``None``: each item's own timeouts apply.
+
+        Cancelling the task that runs the shutdown cuts it short: everything is force-closed
+        and the report published (to :attr:`report` and to the other callers) before the
+        cancellation propagates. Cancelling another caller only stops its wait.
 
         Raises:
             ValueError: ``deadline`` is negative, NaN or infinite.
@@ -395,15 +423,16 @@ class Registry:
         thread. Called from inside the loop those keepers live on, it would deadlock, so it
         raises instead: use ``await registry.aclose()`` there.
 
+        Interrupted (``KeyboardInterrupt`` from a signal handler), it still force-closes
+        everything and publishes the report before the interruption propagates.
+
         Raises:
             ValueError: ``deadline`` is negative, NaN or infinite.
-            RuntimeError: called from the event loop that async keepers belong to.
+            RuntimeError: called from the event loop that async keepers belong to, or from the
+                event loop on which ``aclose()`` is already closing this registry.
         """
         seconds = check_timeout("deadline", deadline)
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         homes = {keeper.driver.home_loop for keeper in self.keepers} - {None}
         if running is not None and running in homes:
             raise RuntimeError(
@@ -412,14 +441,24 @@ class Registry:
             )
         shutdown, owner = self._begin()
         if not owner:
+            if running is not None and running is shutdown.force.loop and not shutdown.done.is_set():
+                raise RuntimeError(
+                    "registry.close() was called from the event loop that is closing the registry; "
+                    "use 'await registry.aclose()' there"
+                )
             shutdown.done.wait()
             return shutdown.result()
         idle_homes = [loop for loop in homes if loop is not None and not loop.is_running() and not loop.is_closed()]
-        if running is None and len(idle_homes) == 1:
-            # The async keepers' loop exists but is not running: run the shutdown on it here.
-            return idle_homes[0].run_until_complete(self._run(shutdown, seconds))
         if running is None:
-            return _run_on_private_loop(self._run(shutdown, seconds))
+            try:
+                if len(idle_homes) == 1:
+                    # The async keepers' loop exists but is not running: run the shutdown on it here.
+                    return _run_until_complete(idle_homes[0], self._run(shutdown, seconds))
+                return _run_on_private_loop(self._run(shutdown, seconds))
+            except BaseException as error:
+                if not shutdown.done.is_set():  # interrupted before the shutdown even started
+                    shutdown.finish(None, error)
+                raise
         # This thread runs an unrelated loop; it cannot host another, so use a helper thread.
         result: list[ShutdownReport] = []
         helper = threading.Thread(
@@ -431,15 +470,45 @@ class Registry:
         helper.join()
         return result[0] if result else shutdown.result()
 
-    def force_close(self) -> ShutdownReport:
-        """Close everything now: no drain wait; borrowed connections are force-closed at once."""
-        for keeper in self.keepers:
-            keeper.request_force()
+    def force_close(self) -> ShutdownReport | None:
+        """Close everything now: drains end at once, borrowed connections are force-closed.
+
+        Hooks still running are cancelled and hooks not started yet are skipped. A shutdown
+        already running (``aclose()`` in some task, ``close()`` in some thread) is cut short;
+        otherwise a forced one starts.
+
+        It never blocks a thread that runs an event loop, since that loop may be the one running
+        the shutdown: there (a coroutine, or a signal handler that interrupted ``close()`` or
+        ``aclose()`` in the main thread) it only forces the shutdown, or schedules a forced one
+        on that loop, and returns at once. Elsewhere it waits for the report, running the
+        forced shutdown itself if none had started.
+
+        Returns:
+            The report, once the shutdown has finished; ``None`` when called from a thread
+            running an event loop before the shutdown has finished (``await registry.aclose()``
+            then returns the report, and :attr:`report` holds it once it is done).
+        """
+        self._force_requested = True
         shutdown = self._shutdown
         if shutdown is not None:
-            shutdown.done.wait()
+            shutdown.force.trip()
+        running = _running_loop()
+        if shutdown is None:
+            if running is None:
+                return self.close(deadline=0.0)
+            # Scheduled rather than started here: this may be a signal handler that interrupted the loop.
+            running.call_soon_threadsafe(self._start_forced_close)
+            return None
+        if shutdown.done.is_set():
             return shutdown.result()
-        return self.close(deadline=0.0)
+        if running is not None:
+            return None
+        shutdown.done.wait()
+        return shutdown.result()
+
+    def _start_forced_close(self) -> None:
+        # A reference is kept: the event loop holds only weak references to its tasks.
+        self._forced_close = asyncio.ensure_future(self.aclose(deadline=0.0))
 
     # -- context managers -------------------------------------------------------------------------
 
@@ -468,10 +537,38 @@ def _weakrefable(resource: object) -> bool:
     return True
 
 
-def _run_on_private_loop(coroutine: Any) -> ShutdownReport:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _run_until_complete(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, ShutdownReport]
+) -> ShutdownReport:
+    """``loop.run_until_complete(coroutine)``, except that an interruption still force-closes.
+
+    A ``KeyboardInterrupt`` (or ``SystemExit``) raised by a signal handler in the middle of
+    ``close()`` escapes the loop and would leave the shutdown half done: the shutdown's task is
+    cancelled instead, so it force-closes everything and publishes its report, and then the
+    interruption propagates.
+    """
+    task = loop.create_task(coroutine)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):  # its own cancellation, or a second interruption
+                loop.run_until_complete(task)
+        raise
+
+
+def _run_on_private_loop(coroutine: Coroutine[Any, Any, ShutdownReport]) -> ShutdownReport:
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(coroutine)  # type: ignore[no-any-return]  # a ShutdownReport coroutine
+        return _run_until_complete(loop, coroutine)
     finally:
         loop.close()
 

@@ -4,14 +4,20 @@ An item (keeper or hook) closes only after every item that ``depends_on`` it has
 One overall deadline bounds everything: each item gets a "finish by" time that leaves room
 for the force-close of the items it still uses, so a slow drain is cut short in time for
 the chain behind it.
+
+A shutdown can be cut short from outside (``Registry.force_close()``, a second signal, the
+cancellation of the task running it): every drain ends at once, running hooks are cancelled,
+hooks not started yet are skipped, and the keepers are force-closed before the run returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from poolkeeper._hooks import Hook
 from poolkeeper._keeper import Keeper, KeeperState
@@ -19,9 +25,9 @@ from poolkeeper._redact import redact
 from poolkeeper._report import Outcome, ResourceReport, ShutdownReport
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["Item", "run_shutdown"]
+__all__ = ["ForceSwitch", "Item", "run_shutdown"]
 
 logger = logging.getLogger("poolkeeper.shutdown")
 
@@ -35,6 +41,49 @@ _MIN_FORCE_RESERVE = 0.1
 # Once a deadline has passed, forcing and closing still get this long: an abort never waits on
 # the peer, so this bounds the "small constant" by which aclose(deadline=D) may exceed D.
 _MIN_CLOSE_BUDGET = 0.1
+# Once the task running a shutdown is cancelled, the force-close still gets this long before the
+# cancellation propagates; items still unfinished then are abandoned and reported as failed.
+_CANCEL_GRACE = 2.0
+
+
+class ForceSwitch:
+    """Cuts a shutdown short, from any thread or from a signal handler.
+
+    :meth:`trip` takes no lock and never blocks: it only schedules the work on the loop that
+    runs the shutdown (``call_soon_threadsafe`` writes one byte to that loop's self-pipe).
+    Tripped before the shutdown starts, the shutdown starts forced.
+    """
+
+    def __init__(self) -> None:
+        self._tripped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_trip: Callable[[], None] | None = None
+
+    @property
+    def tripped(self) -> bool:
+        """True once :meth:`trip` was called."""
+        return self._tripped
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop running the shutdown, once it started."""
+        return self._loop
+
+    def bind(self, on_trip: Callable[[], None]) -> None:
+        """Called on the shutdown's loop as it starts: ``on_trip`` runs there once tripped."""
+        # Set before reading _tripped, mirror image of trip(): one of the two always fires it.
+        self._on_trip = on_trip
+        self._loop = asyncio.get_running_loop()
+        if self._tripped:
+            on_trip()
+
+    def trip(self) -> None:
+        """Force the shutdown: now if it runs, as it starts otherwise."""
+        self._tripped = True
+        loop, on_trip = self._loop, self._on_trip
+        if loop is not None and on_trip is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: that shutdown is over
+                loop.call_soon_threadsafe(on_trip)
 
 
 def _error_text(error: BaseException, secrets: Sequence[str]) -> str:
@@ -96,9 +145,11 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         forced = len(borrows)
         leaks = tuple(borrow.view(keeper.name) for borrow in borrows)
         if borrows:
-            budget = max(0.0, close_until - time.monotonic())
+            # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
+            # gets the minimum an abort needs, like closing the connections below.
+            budget = max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
             try:
-                await asyncio.wait_for(driver.force_close(borrows, budget), budget or None)
+                await asyncio.wait_for(driver.force_close(borrows, budget), budget)
             except Exception as error:
                 logger.warning(
                     "poolkeeper %r: force-close failed",
@@ -137,22 +188,40 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     )
 
 
-async def run_hook(hook: Hook, finish_by: float | None) -> ResourceReport:
-    """Run one hook within its timeout (and the deadline); never raises."""
+async def run_hook(hook: Hook, finish_by: float | None, forced: asyncio.Future[None]) -> ResourceReport:
+    """Run one hook within its timeout (and the deadline) unless forced; never raises."""
+    if forced.done():
+        return ResourceReport(hook.name, "hook", "failed", error="not run: the shutdown was forced")
     started = time.monotonic()
     until = started + hook.timeout
     if finish_by is not None:
         until = min(until, max(finish_by, started + _MIN_CLOSE_BUDGET))
     timeout = max(0.0, until - time.monotonic())
     error: str | None = None
-    try:
-        await asyncio.wait_for(hook.run(), timeout)
-    except asyncio.TimeoutError:
-        error = f"TimeoutError: did not finish within {timeout:.3f}s"
-        logger.warning("poolkeeper hook %r timed out", hook.name, extra={"poolkeeper_hook": hook.name})
-    except Exception as exc:
+    running = asyncio.ensure_future(hook.run())
+    await asyncio.wait((running, forced), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if not running.done():
+        # Cancelled, not awaited to the end: a hook that ignores its cancellation must not hold
+        # up the shutdown (asyncio.wait_for would wait for it). It gets a moment to clean up.
+        running.cancel()
+        running.add_done_callback(_consume)
+        await asyncio.wait((running,), timeout=_MIN_CLOSE_BUDGET)
+        if forced.done():
+            error = "cancelled: the shutdown was forced"
+            logger.warning("poolkeeper hook %r cancelled: forced", hook.name, extra={"poolkeeper_hook": hook.name})
+        else:
+            error = f"TimeoutError: did not finish within {timeout:.3f}s"
+            logger.warning("poolkeeper hook %r timed out", hook.name, extra={"poolkeeper_hook": hook.name})
+    elif running.cancelled():
+        error = "cancelled"
+    elif (exc := running.exception()) is not None:
         error = _error_text(exc, ())
-        logger.warning("poolkeeper hook %r failed", hook.name, exc_info=True, extra={"poolkeeper_hook": hook.name})
+        logger.warning(
+            "poolkeeper hook %r failed",
+            hook.name,
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"poolkeeper_hook": hook.name},
+        )
     return ResourceReport(
         name=hook.name,
         kind="hook",
@@ -160,6 +229,12 @@ async def run_hook(hook: Hook, finish_by: float | None) -> ResourceReport:
         close_seconds=time.monotonic() - started,
         error=error,
     )
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # Mark an abandoned task's outcome as seen, so asyncio does not log it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 def _users(items: Mapping[str, Item]) -> dict[str, list[str]]:
@@ -179,13 +254,64 @@ def _users(items: Mapping[str, Item]) -> dict[str, list[str]]:
     return users
 
 
-async def run_shutdown(items: Mapping[str, Item], deadline_seconds: float | None) -> ShutdownReport:
-    """Close every item in dependency order within ``deadline_seconds`` and report."""
+def _outcome(item: Item, task: asyncio.Task[ResourceReport]) -> ResourceReport:
+    """The item's report; for an item whose closing was abandoned or broke, a "failed" one."""
+    exc = None if not task.done() or task.cancelled() else task.exception()
+    if task.done() and not task.cancelled() and exc is None:
+        return task.result()
+    if exc is None:
+        error = "cancelled before it finished closing"
+    else:
+        error = _error_text(exc, item.driver.secrets() if isinstance(item, Keeper) else ())
+    return ResourceReport(item.name, item.kind, "failed", error=error)
+
+
+def _force_all(items: Mapping[str, Item], forced: asyncio.Future[None]) -> None:
+    """Cut every drain short and tell hooks the shutdown is forced (on the shutdown's loop)."""
+    if not forced.done():
+        forced.set_result(None)
+    for item in items.values():
+        if isinstance(item, Keeper):
+            item.request_force()
+
+
+async def _settle(tasks: Sequence[asyncio.Task[ResourceReport]], grace: float) -> None:
+    """Wait up to ``grace`` seconds for ``tasks``, even if cancelled again meanwhile; cancel the rest."""
+    end = time.monotonic() + grace
+    pending = {task for task in tasks if not task.done()}
+    while pending and time.monotonic() < end:
+        try:
+            _, pending = await asyncio.wait(pending, timeout=end - time.monotonic())
+        except asyncio.CancelledError:
+            continue  # cancelled once more: the grace period bounds this wait anyway
+    for task in pending:
+        task.cancel()
+        task.add_done_callback(_consume)
+
+
+async def run_shutdown(
+    items: Mapping[str, Item],
+    deadline_seconds: float | None,
+    force: ForceSwitch | None = None,
+    publish: Callable[[ShutdownReport], None] | None = None,
+) -> ShutdownReport:
+    """Close every item in dependency order within ``deadline_seconds`` and report.
+
+    Args:
+        items: the keepers and hooks, by name.
+        deadline_seconds: the overall deadline, or ``None`` for each item's own timeouts.
+        force: tripping it cuts the shutdown short (see :class:`ForceSwitch`).
+        publish: called with the report as soon as it exists, also when the task running the
+            shutdown is cancelled (the cancellation propagates after the force-close).
+    """
     started = time.monotonic()
     overall = None if deadline_seconds is None else started + deadline_seconds
     users = _users(items)
     tails = _tails(items, deadline_seconds)
     tasks: dict[str, asyncio.Task[ResourceReport]] = {}
+    forced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    on_force = functools.partial(_force_all, items, forced)
+    (force or ForceSwitch()).bind(on_force)
 
     async def close_item(name: str) -> ResourceReport:
         waiting_for = [tasks[user] for user in users[name]]
@@ -195,23 +321,25 @@ async def run_shutdown(items: Mapping[str, Item], deadline_seconds: float | None
         finish_by = None if overall is None else overall - tails[name]
         if isinstance(item, Keeper):
             return await close_keeper(item, finish_by, _reserve(item, deadline_seconds))
-        return await run_hook(item, finish_by)
+        return await run_hook(item, finish_by, forced)
 
     for name in items:
         tasks[name] = asyncio.ensure_future(close_item(name))
+    interrupted: BaseException | None = None
     try:
         if tasks:
             await asyncio.wait(list(tasks.values()))
-    except asyncio.CancelledError:
-        # Cancelled: cut every drain short, let each item force-close, then propagate.
-        for item in items.values():
-            if isinstance(item, Keeper):
-                item.request_force()
-        if tasks:
-            await asyncio.wait(list(tasks.values()), timeout=_MAX_FORCE_RESERVE + _MIN_CLOSE_BUDGET)
-        raise
-    return ShutdownReport(
-        items=tuple(tasks[name].result() for name in items),
+    except BaseException as error:  # noqa: BLE001 -- cancelled (or interrupted): force-close, then re-raise
+        interrupted = error
+        on_force()
+        await _settle(list(tasks.values()), _CANCEL_GRACE)
+    report = ShutdownReport(
+        items=tuple(_outcome(items[name], tasks[name]) for name in items),
         duration=time.monotonic() - started,
         deadline=deadline_seconds,
     )
+    if publish is not None:
+        publish(report)
+    if interrupted is not None:
+        raise interrupted
+    return report

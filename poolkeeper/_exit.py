@@ -1,0 +1,87 @@
+"""At interpreter exit: force-close the keepers left open, and say so with a ``ResourceWarning``.
+
+A process that ends without closing its registry (a script that returns, an uncaught
+exception) would otherwise leave PostgreSQL backends running the queries of connections still
+borrowed. The ``atexit`` hook is registered when the first resource is wrapped; it warns, naming
+the keepers left open, then force-closes them within a short deadline, in daemon threads joined
+with a timeout so that exit is never held up for long.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from typing import TYPE_CHECKING
+
+from poolkeeper._keeper import KeeperState
+
+if TYPE_CHECKING:
+    from poolkeeper._registry import Registry
+
+__all__ = ["EXIT_DEADLINE", "track"]
+
+logger = logging.getLogger("poolkeeper.exit")
+
+#: Seconds the force-close at exit may take (hooks included); exit waits at most one more.
+EXIT_DEADLINE = 2.0
+_JOIN_MARGIN = 1.0
+
+_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+_lock = threading.Lock()
+_armed_in: int | None = None  # the pid that registered the atexit hook
+
+
+def track(registry: Registry) -> None:
+    """Watch ``registry`` at exit (called when it wraps a resource)."""
+    global _armed_in  # noqa: PLW0603 -- one atexit registration per process
+    with _lock:
+        _registries.add(registry)
+        if _armed_in is None:
+            atexit.register(_close_left_open)
+            _armed_in = os.getpid()
+
+
+def _left_open(registry: Registry) -> list[str]:
+    if registry.closed:
+        return []
+    return [keeper.name for keeper in registry.keepers if keeper.state is not KeeperState.CLOSED]
+
+
+def _force_close(registry: Registry) -> None:
+    try:
+        for keeper in registry.keepers:
+            keeper.request_force()  # no drain wait; hooks still run, within the deadline
+        registry.close(deadline=EXIT_DEADLINE)
+    except Exception:
+        logger.warning("poolkeeper: force-closing at exit failed", exc_info=True)
+
+
+def _close_left_open() -> None:
+    if _armed_in != os.getpid():
+        return  # a forked child: those connections belong to the parent, which closes them
+    with _lock:
+        registries = list(_registries)
+    left = [(registry, names) for registry in registries if (names := _left_open(registry))]
+    if not left:
+        return
+    open_names = [name for _, names in left for name in names]
+    message = (
+        f"poolkeeper: keepers left open at exit: {', '.join(map(repr, open_names))}; force-closing them "
+        "(close the registry before the process ends: registry.close(), aclose() or poolkeeper.run())"
+    )
+    warnings.warn(message, ResourceWarning, stacklevel=1)
+    logger.warning(message, extra={"poolkeeper_left_open": open_names})
+    threads = [
+        threading.Thread(target=_force_close, args=(registry,), name="poolkeeper-exit", daemon=True)
+        for registry, _ in left
+    ]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + EXIT_DEADLINE + _JOIN_MARGIN
+    for thread in threads:
+        thread.join(max(0.0, end - time.monotonic()))

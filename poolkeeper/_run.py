@@ -1,0 +1,169 @@
+"""``poolkeeper.run``: the main of a worker or script with no server.
+
+``sys.exit(poolkeeper.run(main))`` runs ``main()`` on a new event loop; the first SIGTERM or
+SIGINT cancels it (``main`` sees ``CancelledError`` and cleans up), then the registry closes
+on that same loop, and the exit code says whether everything went well. A second signal
+force-closes everything at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from poolkeeper._signals import _Interceptor, check_registry, check_signals
+from poolkeeper._timeouts import check_timeout
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterable
+
+    from poolkeeper._registry import Registry
+
+__all__ = ["run"]
+
+logger = logging.getLogger("poolkeeper.run")
+
+
+class _Stopper:
+    """Turns signals into cancelling ``main`` (and a second one into forcing the shutdown)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Future[Any] | None = None
+        self.requested = False
+
+    def started(self, loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._loop, self._task = loop, task
+            requested = self.requested
+        if requested:  # a signal arrived before main started
+            task.cancel()
+
+    def react(self, sig: signal.Signals, count: int) -> None:
+        # In poolkeeper's dispatcher thread.
+        if count == 1:
+            self._registry.start_draining()
+            logger.info("poolkeeper: %s received: stopping main", sig.name, extra={"poolkeeper_signal": sig.name})
+        else:
+            logger.warning(
+                "poolkeeper: %s received again: force-closing everything now",
+                sig.name,
+                extra={"poolkeeper_signal": sig.name, "poolkeeper_signal_count": count},
+            )
+            threading.Thread(target=self._force, name="poolkeeper-force", daemon=True).start()
+        with self._lock:
+            self.requested = True
+            loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)  # again on a second signal: main's cleanup is cut short too
+
+    def _force(self) -> None:
+        try:
+            self._registry.force_close()
+        except Exception:
+            logger.exception("poolkeeper: force-closing on a second signal failed")
+
+
+async def _guarded(awaitable: Awaitable[Any]) -> BaseException | None:
+    # SystemExit and KeyboardInterrupt would escape the event loop and skip the close: keep them.
+    try:
+        await awaitable
+    except (SystemExit, KeyboardInterrupt) as escape:
+        return escape
+    return None
+
+
+async def _supervise(
+    main: Callable[[], Awaitable[Any]], registry: Registry, deadline: float | None, stopper: _Stopper
+) -> int:
+    task = asyncio.ensure_future(_guarded(main()))
+    stopper.started(asyncio.get_running_loop(), task)
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        # Cancelled from outside (asyncio's own SIGINT handling when run() handles no signal):
+        # stop main and still close before the cancellation propagates.
+        task.cancel()
+        await asyncio.wait((task,))
+        await registry.aclose(deadline)
+        raise
+    failed = False
+    escape = None
+    if task.cancelled():
+        if not stopper.requested:
+            logger.warning("poolkeeper: main was cancelled, not by a signal")
+            failed = True
+    elif (error := task.exception()) is not None:
+        logger.error("poolkeeper: main failed", exc_info=(type(error), error, error.__traceback__))
+        failed = True
+    else:
+        escape = task.result()
+    report = await registry.aclose(deadline)
+    if escape is not None:
+        raise escape
+    return 0 if report.ok and not failed else 1
+
+
+def run(
+    main: Callable[[], Awaitable[Any]],
+    *,
+    registry: Registry | None = None,
+    deadline: float | None = None,
+    signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+) -> int:
+    """Run ``main()`` on a new event loop, close the registry, and return the exit code.
+
+    For workers and scripts with no server: ``sys.exit(poolkeeper.run(main))``. The registry's
+    registrations are checked first (:meth:`Registry.check`). The first of ``signals`` cancels
+    ``main`` (it sees ``CancelledError`` and can clean up) and marks the registry as draining;
+    once ``main`` has finished, however it finished, the registry closes on the same loop within
+    ``deadline``. A second signal force-closes everything at once. The replaced signal handlers
+    are restored before returning.
+
+    Args:
+        main: a coroutine function taking no argument.
+        registry: the registry to close (default: :func:`poolkeeper.get_registry`).
+        deadline: seconds the registry's shutdown may take; ``None``: the items' own timeouts.
+        signals: the signals that stop ``main``; empty to handle none.
+
+    Returns:
+        0 when ``main`` returned (or was stopped by a signal) and the shutdown report is ok;
+        1 when ``main`` raised (the error is logged) or the report is not ok. A ``SystemExit``
+        or ``KeyboardInterrupt`` from ``main`` propagates, after the registry has closed.
+
+    Raises:
+        RegistrationError: :meth:`Registry.check` found a ``depends_on`` naming nothing.
+        TypeError: an argument has the wrong type.
+        ValueError: ``deadline`` is negative, NaN or infinite, or a signal cannot be handled.
+    """
+    if not callable(main):
+        raise TypeError(f"main must be a coroutine function, got {main!r}")
+    checked = check_registry(registry)
+    seconds = check_timeout("deadline", deadline)
+    wanted = check_signals("signals", signals)
+    checked.check()
+    stopper = _Stopper(checked)
+    interceptor = _Interceptor(
+        wanted,
+        stopper.react,
+        checked._mark_draining,  # noqa: SLF001 -- poolkeeper-internal: the flag a signal handler may flip
+    )
+    if wanted and threading.current_thread() is not threading.main_thread():
+        warnings.warn(
+            "poolkeeper.run() was called off the main thread; Python lets only the main thread install "
+            "signal handlers, so signals will not stop main",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif wanted:
+        interceptor.install()
+    try:
+        return asyncio.run(_supervise(main, checked, seconds, stopper))
+    finally:
+        interceptor.uninstall()

@@ -1,0 +1,1 @@
+"""Small programs the subprocess tests run, and the helper that drives them."""

@@ -1,0 +1,162 @@
+"""poolkeeper.run: a signal stops main, the registry closes, the exit code tells how it went."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import poolkeeper
+from poolkeeper import KeeperState, RegistrationError, Registry
+from tests.conftest import sqlalchemy_url
+from tests.programs.child import Child
+
+
+@pytest.fixture
+def spawn(pg_url: str, application_name: str) -> Iterator[Callable[[str], Child]]:
+    """Start tests/programs/run_program.py in a mode; kills what is left at teardown."""
+    children: list[Child] = []
+
+    def start(mode: str) -> Child:
+        child = Child("run_program.py", mode, pg_url, application_name)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_cancels_main_and_the_worker_exits_cleanly(spawn, signum):
+    """SIGTERM or SIGINT cancels main, the registry closes on main's loop, and the exit code is 0."""
+    child = spawn("wait")
+    child.expect("main: ready")
+    child.send(signum)
+    child.expect("main: cancelled")
+    assert child.wait(10) == 0
+    assert "poolkeeper shutdown ok" in child.output
+    assert "KeyboardInterrupt" not in child.errors
+
+
+def test_a_second_signal_during_the_close_forces_it(spawn, server):
+    """A second SIGTERM while the close waits for a borrowed connection force-closes it; exit code 1."""
+    child = spawn("force")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    child.send(signal.SIGTERM)
+    child.expect("main: cancelled")
+    child.send(signal.SIGTERM)
+    assert child.wait(10) == 1
+    assert "forced" in child.output
+    assert server.settle(lambda: not server.backends())
+
+
+def test_main_raising_gives_exit_code_1_and_the_registry_still_closes(spawn):
+    """An exception from main is logged with its traceback, the registry closes, and the exit code is 1."""
+    child = spawn("error")
+    assert child.wait(10) == 1
+    assert "ValueError: boom" in child.output
+    assert "poolkeeper shutdown ok" in child.output
+
+
+def test_run_returns_0_and_closes_async_keepers_on_mains_loop(pg_url, application_name, server):
+    """run() closes main's AsyncEngine on the loop it lives on: no backend is left."""
+    registry = Registry()
+
+    async def main() -> None:
+        engine = registry.wrap(
+            create_async_engine(
+                sqlalchemy_url(pg_url, "asyncpg"),
+                connect_args={"server_settings": {"application_name": application_name}},
+            ),
+            name="db",
+        )
+        async with engine.connect() as connection:
+            assert (await connection.execute(sa.text("select 1"))).scalar() == 1
+
+    assert poolkeeper.run(main, registry=registry, signals=()) == 0
+    assert registry["db"].state is KeeperState.CLOSED
+    assert registry.report is not None
+    assert registry.report.ok
+    assert server.settle(lambda: not server.backends())
+
+
+def test_a_report_that_is_not_ok_gives_exit_code_1():
+    """A failing shutdown hook makes the report not ok, and run() returns 1."""
+    registry = Registry()
+
+    @registry.on_shutdown(name="broken")
+    def broken() -> None:
+        raise RuntimeError("metrics backend down")
+
+    async def main() -> None:
+        await asyncio.sleep(0)
+
+    assert poolkeeper.run(main, registry=registry, signals=()) == 1
+    assert registry.report is not None
+    assert registry.report["broken"].error == "RuntimeError: metrics backend down"
+
+
+def test_system_exit_from_main_propagates_after_the_close():
+    """sys.exit() in main still closes the registry before SystemExit leaves run()."""
+    registry = Registry()
+    ran: list[str] = []
+    registry.on_shutdown(lambda: ran.append("hook"), name="hook")
+
+    async def main() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as raised:
+        poolkeeper.run(main, registry=registry, signals=())
+    assert raised.value.code == 3
+    assert ran == ["hook"]
+    assert registry.closed
+
+
+def test_run_checks_the_registrations_before_starting_main():
+    """An unknown depends_on name makes run() raise before main is even called."""
+    registry = Registry()
+    registry.on_shutdown(lambda: None, name="flush", depends_on=["nowhere"])
+    called: list[bool] = []
+
+    async def main() -> None:
+        called.append(True)
+
+    with pytest.raises(RegistrationError, match="'flush' depends on unknown 'nowhere'"):
+        poolkeeper.run(main, registry=registry, signals=())
+    assert called == []
+    assert not registry.closed
+
+
+def test_run_restores_the_signal_handlers_it_replaced():
+    """After run() returns, SIGTERM and SIGINT have their previous handlers again."""
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+
+    async def main() -> None:
+        assert signal.getsignal(signal.SIGTERM) is not before[0]
+
+    assert poolkeeper.run(main, registry=Registry()) == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"deadline": -1}, ValueError, "deadline"),
+        ({"signals": ["SIGTERM"]}, TypeError, "signals"),
+        ({"registry": object()}, TypeError, "registry"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(arguments, error, message):
+    """Each bad argument raises an error naming it before main runs."""
+
+    async def main() -> None:
+        raise AssertionError("main must not run")
+
+    with pytest.raises(error, match=message):
+        poolkeeper.run(main, **arguments)

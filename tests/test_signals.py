@@ -1,0 +1,167 @@
+"""install_signal_handlers: drain at once, pass the signal on after the delay, force on a second one."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import poolkeeper
+from poolkeeper import Registry
+from tests.programs.child import Child
+
+
+@pytest.fixture
+def spawn(pg_url: str, application_name: str) -> Iterator[Callable[[str], Child]]:
+    """Start tests/programs/signals_program.py in a mode; kills what is left at teardown."""
+    children: list[Child] = []
+
+    def start(mode: str) -> Child:
+        child = Child("signals_program.py", mode, pg_url, application_name)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+
+
+@pytest.fixture
+def sigusr1_handler() -> Iterator[threading.Event]:
+    """A Python-level SIGUSR1 handler that sets an event; the original handler is restored afterwards."""
+    called = threading.Event()
+    original = signal.signal(signal.SIGUSR1, lambda _signum, _frame: called.set())
+    yield called
+    signal.signal(signal.SIGUSR1, original)
+
+
+def test_the_first_signal_drains_at_once_and_is_passed_on_after_the_delay(spawn):
+    """The replaced handler runs after `delay`; meanwhile `draining` is true and checkouts are still served."""
+    child = spawn("chain")
+    child.expect("main: ready")
+    child.send(signal.SIGTERM)
+    child.expect("main: served during the delay: 7")
+    child.expect("main: the server handler got SIGTERM; draining=True")
+    assert child.wait(10) == 0
+    waited = float(child.output.split("main: passed on after ")[1].split("s")[0])
+    assert 0.4 <= waited < 2.0
+    assert "main: outcome clean" in child.output
+
+
+def test_a_second_signal_force_closes_at_once_and_cuts_the_delay_short(spawn, server):
+    """A second SIGTERM during a 30 s delay force-closes the borrowed connection and passes both signals on."""
+    child = spawn("force")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    child.send(signal.SIGTERM)
+    child.expect("main: draining")
+    child.send(signal.SIGTERM)
+    assert child.wait(10) == 0
+    assert child.output.count("main: the server handler got SIGTERM") == 2
+    assert "main: the borrower got OperationalError" in child.output
+    assert "main: outcome forced" in child.output
+    waited = float(child.output.split("main: passed on after ")[1].split("s")[0])
+    assert waited < 2.0
+    assert server.settle(lambda: not server.backends())
+
+
+def test_without_a_python_handler_poolkeeper_closes_and_the_signal_ends_the_process(spawn, server):
+    """With SIG_DFL the registry is closed (the running query cancelled), then the process dies of SIGTERM."""
+    child = spawn("default")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    child.send(signal.SIGTERM)
+    assert child.wait(10) == -signal.SIGTERM
+    assert "forced" in child.output
+    assert "main: still alive" not in child.output
+    assert server.settle(lambda: not server.backends())
+
+
+def test_sigint_is_passed_on_to_pythons_handler_as_keyboard_interrupt(spawn):
+    """SIGINT reaches Python's default handler after the delay: KeyboardInterrupt, with draining already true."""
+    child = spawn("sigint")
+    child.expect("main: ready")
+    child.send(signal.SIGINT)
+    child.expect("main: KeyboardInterrupt; draining=True")
+    assert child.wait(10) == 0
+    assert "main: closed ok=True" in child.output
+
+
+@pytest.mark.usefixtures("sigusr1_handler")
+def test_uninstall_restores_the_replaced_handler():
+    """After uninstall() the handler that was replaced is the one installed again."""
+    original = signal.getsignal(signal.SIGUSR1)
+    handlers = poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR1])
+    installed = signal.getsignal(signal.SIGUSR1)
+    handlers.uninstall()
+    handlers.uninstall()
+    assert installed is not original
+    assert signal.getsignal(signal.SIGUSR1) is original
+    assert handlers.signals == (signal.SIGUSR1,)
+
+
+def test_a_real_signal_drains_and_reaches_the_replaced_handler_in_process(sigusr1_handler):
+    """In this very process, a signal flips `draining` and the replaced handler still runs."""
+    registry = Registry()
+    with poolkeeper.install_signal_handlers(registry, signals=[signal.SIGUSR1]):
+        signal.raise_signal(signal.SIGUSR1)  # to this (the main) thread, as the kernel usually picks it
+        assert sigusr1_handler.wait(2)
+        assert registry.draining
+        assert not registry.closed
+
+
+def test_an_ignored_signal_stays_ignored():
+    """A signal set to SIG_IGN is left alone: not handled, still ignored."""
+    original = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        handlers = poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2])
+        assert handlers.signals == ()
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        handlers.uninstall()
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
+@pytest.mark.usefixtures("sigusr1_handler")
+def test_off_the_main_thread_nothing_is_installed_and_a_warning_says_why():
+    """Called from another thread it warns and changes no handler."""
+    original = signal.getsignal(signal.SIGUSR1)
+    caught: list[warnings.WarningMessage] = []
+    handles: list[poolkeeper.SignalHandlers] = []
+
+    def install() -> None:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            handles.append(poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR1]))
+        caught.extend(record)
+
+    thread = threading.Thread(target=install)
+    thread.start()
+    thread.join()
+    assert signal.getsignal(signal.SIGUSR1) is original
+    assert handles[0].signals == ()
+    assert [warning.category for warning in caught] == [RuntimeWarning]
+    assert "main thread" in str(caught[0].message)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"delay": -1}, ValueError, "delay"),
+        ({"delay": float("nan")}, ValueError, "delay"),
+        ({"deadline": float("inf")}, ValueError, "deadline"),
+        ({"signals": "SIGTERM"}, TypeError, "signals"),
+        ({"signals": [10_000]}, ValueError, "signals"),
+        ({"signals": [signal.SIGKILL]}, ValueError, "SIGKILL"),
+        ({"registry": "default"}, TypeError, "registry"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(arguments, error, message):
+    """Each bad argument raises an error naming it, and no handler stays installed."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(error, match=message):
+        poolkeeper.install_signal_handlers(**arguments)
+    assert signal.getsignal(signal.SIGTERM) is before
