@@ -1,0 +1,447 @@
+"""The redis-py keeper: ``redis.Redis`` and ``redis.asyncio.Redis``, on any of their connection pools.
+
+``wrap()`` returns the same client. What the keeper manages is the client's connection pool:
+a borrow is a connection taken from it for as long as it is held (one command, a pipeline's
+``execute`` or its ``WATCH``, a pubsub until it is closed, a blocking ``BLPOP``, the pinned
+connection of a ``single_connection_client``). The pool object gets a guarded subclass as its
+class (``__class__`` assignment keeps every attribute, ``isinstance`` and the client's
+reference), so that:
+
+* ``get_connection()`` asks the keeper first: once closing starts every command, pipeline and
+  pubsub raises :class:`~poolkeeper.PoolClosedError` at once;
+* callers queued in a ``BlockingConnectionPool`` (a thread in its queue, a task on its
+  condition) are woken and fail with the same error instead of waiting for its ``timeout``;
+* every ``release()`` is counted, so the closer wakes on the last return.
+
+redis-py reconnects silently: a command that meets a closed socket disconnects, sleeps its
+``Retry`` backoff and reconnects, and ``ConnectionPool.disconnect()`` is followed by fresh
+connections. So a connection that is force-closed or closed by the keeper is first *sealed*:
+its ``connect_check_health`` (the one door every reconnect goes through, sync and async)
+raises the refusal. :class:`~poolkeeper.PoolClosedError` is not a ``redis.ConnectionError``,
+so no ``Retry`` retries it and the retry loop ends at its next attempt instead of reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingConnectionPool
+from redis.asyncio.connection import ConnectionPool as AsyncConnectionPool
+from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+from redis.client import Redis
+from redis.connection import BlockingConnectionPool, ConnectionPool, SSLConnection
+
+from poolkeeper._concurrency import run_blocking, run_on_loop
+from poolkeeper.adapters._abort import shutdown_socket
+from poolkeeper.adapters._base import Driver
+from poolkeeper.errors import PoolClosedError, RegistrationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from poolkeeper._borrowers import Borrow
+    from poolkeeper._keeper import Keeper
+
+__all__ = ["RedisDriver", "make_driver"]
+
+logger = logging.getLogger("poolkeeper.redis")
+
+Pool = ConnectionPool | AsyncConnectionPool
+
+
+# -- the guarded pool class ----------------------------------------------------------------------
+# Module-level functions rather than a class body, so that the hot path (get and release) is
+# one call deep, reads no properties and makes no super() object.
+
+
+def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
+    keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
+    keeper.admit()
+    connection = pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    if not keeper.lend(connection):
+        pool._pk_library_release(connection)  # noqa: SLF001
+        raise keeper.refusal()
+    return connection
+
+
+def _release(pool: Any, connection: Any) -> None:
+    # Back in the pool first: the return may wake the closer, which then closes idle connections.
+    try:
+        pool._pk_library_release(connection)  # noqa: SLF001 -- the pool class's own release()
+    finally:
+        pool._pk_keeper.checkin(connection)  # noqa: SLF001
+
+
+async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
+    keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
+    keeper.admit()
+    connection = await pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    if not keeper.lend(connection):
+        await pool._pk_library_release(connection)  # noqa: SLF001
+        raise keeper.refusal()
+    pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
+    return connection
+
+
+async def _release_async(pool: Any, connection: Any) -> None:
+    try:
+        await pool._pk_library_release(connection)  # noqa: SLF001 -- the pool class's own release()
+    finally:
+        pool._pk_keeper.checkin(connection)  # noqa: SLF001
+
+
+def _can_get_connection(pool: Any) -> bool:
+    # The predicate asyncio BlockingConnectionPool's waiters re-check when notified: raising here
+    # makes a woken waiter fail with the refusal before it takes or makes a connection.
+    pool._pk_keeper.admit()  # noqa: SLF001
+    return bool(pool._pk_library_can_get())  # noqa: SLF001
+
+
+_guarded_classes: dict[type[Any], type[Any]] = {}
+_guarded_lock = threading.Lock()
+
+
+def _guarded_class(cls: type[Any]) -> type[Any]:
+    """A subclass of the pool class ``cls`` whose checkouts and returns go through the keeper.
+
+    A plain subclass with the library's module and name, so that ``pool.__class__`` can be
+    swapped in place, ``isinstance`` still holds and ``repr(client)`` does not change.
+    """
+    with _guarded_lock:
+        if cls not in _guarded_classes:
+            namespace: dict[str, Any] = {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_pk_library_get": cls.get_connection,
+                "_pk_library_release": cls.release,
+            }
+            if issubclass(cls, AsyncConnectionPool):
+                namespace["get_connection"] = _get_connection_async
+                namespace["release"] = _release_async
+                namespace["can_get_connection"] = _can_get_connection
+                namespace["_pk_library_can_get"] = cls.can_get_connection
+            else:
+                namespace["get_connection"] = _get_connection
+                namespace["release"] = _release
+            _guarded_classes[cls] = type(cls.__name__, (cls,), namespace)
+        return _guarded_classes[cls]
+
+
+def _is_guarded(pool: Any) -> bool:
+    return type(pool) in _guarded_classes.values()
+
+
+# -- sync BlockingConnectionPool: its queue refuses once the keeper stops lending -----------------
+
+_refusing_queue_classes: dict[type[Any], type[Any]] = {}
+
+
+def _refusing_get(q: Any) -> Any:
+    raise q._pk_keeper.refusal()  # noqa: SLF001 -- set by _refuse_queue
+
+
+def _refusing_queue_class(cls: type[Any]) -> type[Any]:
+    """``cls`` (a ``queue.Queue``) made to look non-empty and to raise the refusal on every get."""
+    with _guarded_lock:
+        if cls not in _refusing_queue_classes:
+            namespace = {"_qsize": lambda _q: 1, "_get": _refusing_get, "__module__": __name__}
+            _refusing_queue_classes[cls] = type(f"Refusing{cls.__name__}", (cls,), namespace)
+        return _refusing_queue_classes[cls]
+
+
+def _refuse_queue(q: queue.Queue[Any], keeper: Keeper) -> None:
+    """Make ``q`` refuse every ``get`` from now on and wake the threads blocked in it."""
+    with q.not_empty:  # the queue's mutex
+        q._pk_keeper = keeper  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _refusing_get
+        q.maxsize = 0  # "looks non-empty" must not make release()'s put_nowait() raise Full
+        q.__class__ = _refusing_queue_class(type(q))
+        q.not_empty.notify_all()
+
+
+async def _wake_async_waiters(pool: AsyncBlockingConnectionPool) -> None:
+    """Notify every task waiting on the pool's condition: each re-checks and meets the refusal."""
+    async with pool._condition:  # noqa: SLF001 -- the condition its get_connection() waits on
+        pool._condition.notify_all()  # noqa: SLF001
+
+
+# -- sealing and cutting one connection -----------------------------------------------------------
+
+
+def _innermost(connection: Any) -> Any:
+    """The connection that owns the socket (a ``CacheProxyConnection`` wraps another)."""
+    while (wrapped := getattr(connection, "_conn", None)) is not None:
+        connection = wrapped
+    return connection
+
+
+def _seal(connection: Any, refuse: Callable[..., Any]) -> None:
+    """Make every (re)connect of ``connection`` raise the refusal (sync and asyncio alike).
+
+    An instance attribute shadows the class's method: every reconnect path of redis-py, from
+    ``send_command`` to the pubsub's resubscribe, goes through ``connect_check_health``.
+    """
+    _innermost(connection).connect_check_health = refuse
+
+
+def _socket_fd(connection: Any) -> int | None:
+    """The file descriptor of ``connection``'s socket, or ``None`` when it is not connected."""
+    inner = _innermost(connection)
+    sock = getattr(inner, "_sock", None)  # sync connections
+    if sock is None:
+        writer = getattr(inner, "_writer", None)  # asyncio connections
+        sock = None if writer is None else writer.get_extra_info("socket")
+    try:
+        return None if sock is None else int(sock.fileno())
+    except (OSError, ValueError):  # closed meanwhile
+        return None
+
+
+def _cut(connection: Any, refuse: Callable[..., Any]) -> None:
+    """Seal ``connection``, then shut its socket down: a blocked read returns at once.
+
+    Sealed first, so that the borrower's retry cannot reconnect in between. ``shutdown(2)``
+    leaves the descriptor to its owner, who closes it on the error (see ``_abort``).
+    """
+    _seal(connection, refuse)
+    fd = _socket_fd(connection)
+    if fd is not None:
+        shutdown_socket(fd)
+
+
+def _retried_errors(pool: Pool) -> list[type[BaseException]]:
+    """Every exception type the pool's connections retry (their ``Retry`` and ``retry_on_error``)."""
+    kwargs = pool.connection_kwargs
+    errors: list[Any] = list(kwargs.get("retry_on_error") or ())
+    retries = [kwargs.get("retry")]
+    retries.extend(getattr(connection, "retry", None) for connection in _connections(pool))
+    for retry in retries:
+        errors.extend(getattr(retry, "_supported_errors", ()))
+    return [error for error in errors if isinstance(error, type)]
+
+
+def _connections(pool: Pool) -> list[Any]:
+    return [*_idle(pool), *_in_use(pool)]
+
+
+def _idle(pool: Pool) -> list[Any]:
+    # Each pool class's own view: lists, sets or the BlockingConnectionPool's queue of slots.
+    return [connection for connection in pool._get_free_connections() if connection is not None]  # noqa: SLF001
+
+
+def _in_use(pool: Pool) -> list[Any]:
+    return list(pool._get_in_use_connections())  # noqa: SLF001
+
+
+class RedisDriver(Driver):
+    """Keeps the connection pool of one redis-py client (sync or asyncio)."""
+
+    kind = "redis"
+
+    def __init__(self, resource: Any, pool: Pool) -> None:
+        super().__init__(resource)
+        self.pool = pool
+        self.is_async = isinstance(pool, AsyncConnectionPool)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._original_class: type[Any] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    @property
+    def home_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop of the last asyncio checkout (``None`` for sync clients)."""
+        return self.loop
+
+    def describe(self) -> str:
+        """``redis://host:port/db`` (``rediss://`` with TLS, ``unix://path?db=N``), no credentials."""
+        kwargs = self.pool.connection_kwargs
+        db = kwargs.get("db", 0)
+        if kwargs.get("path"):
+            return f"unix://{kwargs['path']}?db={db}"
+        tls = issubclass(self.pool.connection_class, (SSLConnection, AsyncSSLConnection))
+        return f"{'rediss' if tls else 'redis'}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
+
+    def secrets(self) -> tuple[str, ...]:
+        """The password (and TLS key password), to be scrubbed from error texts."""
+        kwargs = self.pool.connection_kwargs
+        return tuple(str(kwargs[key]) for key in ("password", "ssl_password") if kwargs.get(key))
+
+    def _refuse_reconnect(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise self.keeper.refusal()
+
+    # -- guards -------------------------------------------------------------------------------
+
+    def attach(self, keeper: Keeper) -> None:
+        """Guard the client's pool and count the connections already out; undone if that fails.
+
+        Raises:
+            RegistrationError: the pool is already managed, through another client.
+            TypeError: a ``BlockingConnectionPool`` whose ``queue_class`` is not a ``queue.Queue``.
+        """
+        pool = self.pool
+        if _is_guarded(pool):
+            owner: Keeper = pool._pk_keeper  # type: ignore[union-attr]  # noqa: SLF001 -- set below, by its keeper
+            raise RegistrationError(
+                f"this {type(self.resource).__name__}'s connection pool is already managed by keeper "
+                f"{owner.name!r}, through another client; clients that share a pool are refused together "
+                "once it closes, so wrap only one of them"
+            )
+        if isinstance(pool, BlockingConnectionPool) and not isinstance(pool.pool, queue.Queue):
+            raise TypeError(
+                f"poolkeeper cannot guard a BlockingConnectionPool whose queue_class is "
+                f"{type(pool.pool).__qualname__}; use a queue.Queue subclass (the default is LifoQueue)"
+            )
+        super().attach(keeper)
+        try:
+            self._warn_if_refusal_is_retried()
+            pool._pk_keeper = keeper  # type: ignore[union-attr]  # noqa: SLF001 -- read by the guarded class
+            pool._pk_driver = self  # type: ignore[union-attr]  # noqa: SLF001
+            self._original_class = type(pool)
+            pool.__class__ = _guarded_class(type(pool))
+            # Connections already out (a pubsub, the pinned connection of a single-connection
+            # client) are borrows too: the drain waits for them, the force-close cuts them.
+            for connection in _in_use(pool):
+                keeper.lend(connection)
+            if self.is_async:
+                with contextlib.suppress(RuntimeError):  # no running loop: the first checkout tells
+                    self.loop = asyncio.get_running_loop()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Undo :meth:`attach` (used when registration fails halfway)."""
+        if self._original_class is not None:
+            self.pool.__class__ = self._original_class
+            self._original_class = None
+        for attribute in ("_pk_keeper", "_pk_driver"):
+            self.pool.__dict__.pop(attribute, None)
+
+    def _warn_if_refusal_is_retried(self) -> None:
+        retried = [error for error in _retried_errors(self.pool) if issubclass(PoolClosedError, error)]
+        if retried:
+            logger.warning(
+                "poolkeeper %r: this client retries %s, which includes poolkeeper.PoolClosedError: once "
+                "the keeper closes, a refused command is retried (for ever with retries=-1) instead of "
+                "failing; retry redis.ConnectionError and redis.TimeoutError only",
+                self.keeper.name,
+                ", ".join(sorted({error.__name__ for error in retried})),
+                extra={"poolkeeper_keeper": self.keeper.name},
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def refuse(self) -> None:
+        """Wake the threads or tasks queued in a ``BlockingConnectionPool`` (other pools queue nobody)."""
+        pool = self.pool
+        if isinstance(pool, BlockingConnectionPool):
+            _refuse_queue(pool.pool, self.keeper)
+        elif isinstance(pool, AsyncBlockingConnectionPool):
+            loop = self.loop
+            if loop is not None and not loop.is_closed():  # None: never used, nobody waits
+                with contextlib.suppress(RuntimeError):  # closed in between
+                    asyncio.run_coroutine_threadsafe(_wake_async_waiters(pool), loop)
+
+    async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:  # noqa: ARG002 -- never waits
+        """Seal each borrowed connection and shut its socket down; nothing here waits on the server.
+
+        Redis has no statement to cancel: once the socket is shut down the server sees the
+        client leave and drops it (and its ``BLPOP``) at once.
+        """
+        for borrow in borrows:
+            _cut(borrow.connection, self._refuse_reconnect)
+
+    async def close_connections(self) -> None:
+        """Disconnect every idle connection and cut any still out; none of them reconnects."""
+        if not self.is_async:
+            await run_blocking(self._close_all, name="poolkeeper-redis-close")
+            return
+        loop = self.loop
+        if loop is None:  # never used from a loop: no connection was ever opened
+            return
+        if loop.is_closed() or not loop.is_running():
+            self._cut_all()  # no loop left to close the transports on: cut the sockets
+            return
+        await run_on_loop(loop, self._aclose_all())
+
+    def _close_all(self) -> None:
+        refuse = self._refuse_reconnect
+        self._close_pinned()
+        for connection in _in_use(self.pool):
+            _cut(connection, refuse)
+        for connection in _idle(self.pool):
+            _seal(connection, refuse)
+            connection.disconnect()
+
+    def _cut_all(self) -> None:
+        for connection in _connections(self.pool):
+            _cut(connection, self._refuse_reconnect)
+
+    async def _aclose_all(self) -> None:
+        refuse = self._refuse_reconnect
+        await self._aclose_pinned()
+        for connection in _in_use(self.pool):
+            _cut(connection, refuse)
+        idle = _idle(self.pool)
+        for connection in idle:
+            _seal(connection, refuse)
+        await _disconnect_all(idle)
+
+    async def ping(self) -> None:
+        """``PING`` through the client (a real checkout: a dead server or a closed keeper fails it)."""
+        if self.is_async:
+            await run_on_loop(self.loop, self.resource.ping())
+        else:
+            await run_blocking(self.resource.ping, name="poolkeeper-redis-ping")
+
+    # A single-connection client holds its connection for its whole life; when no command is
+    # using it (its lock is free), it is disconnected outright rather than only cut, so that the
+    # next command meets the refusal at once instead of a broken pipe first.
+
+    def _close_pinned(self) -> None:
+        connection = getattr(self.resource, "connection", None)
+        lock = getattr(self.resource, "single_connection_lock", None)
+        if connection is None or lock is None or not lock.acquire(blocking=False):
+            return
+        try:
+            _seal(connection, self._refuse_reconnect)
+            connection.disconnect()
+        finally:
+            lock.release()
+
+    async def _aclose_pinned(self) -> None:
+        connection = getattr(self.resource, "connection", None)
+        lock = getattr(self.resource, "_single_conn_lock", None)
+        if connection is None or lock is None or lock.locked():
+            return
+        _seal(connection, self._refuse_reconnect)
+        await connection.disconnect(nowait=True)
+
+    def returned_after_close(self) -> None:
+        """A forced borrower gave its connection back after the sweep: close it too."""
+        if not self.is_async:
+            self._close_all()
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing can be awaited here
+            future = asyncio.ensure_future(self._aclose_all())
+            self._pending.add(future)  # keep a reference until it is done
+            future.add_done_callback(self._pending.discard)
+
+
+async def _disconnect_all(connections: Iterable[Any]) -> None:
+    # nowait: never wait for a close handshake; the caller bounds the time anyway.
+    await asyncio.gather(*(connection.disconnect(nowait=True) for connection in connections), return_exceptions=True)
+
+
+def make_driver(resource: Any) -> RedisDriver:
+    """The driver for a ``redis.Redis`` or ``redis.asyncio.Redis`` client (it keeps the client's pool)."""
+    pool = getattr(resource, "connection_pool", None)
+    if not isinstance(pool, (ConnectionPool, AsyncConnectionPool)):
+        kind = "redis.Redis" if isinstance(resource, Redis) else "redis.asyncio.Redis"
+        raise TypeError(
+            f"expected a {kind} with a redis-py connection pool, got a pool of type {type(pool).__qualname__}"
+        )
+    return RedisDriver(resource, pool)
