@@ -66,6 +66,12 @@ class Driver(abc.ABC):
     def close_connections(self) -> Awaitable[None]:
         """Close every physical connection the pool still has (the caller bounds the time)."""
 
+    async def ping(self) -> None:  # noqa: B027 -- optional: a library without a cheap ping is "up"
+        """Check cheaply that the server answers (``SELECT 1``, ``PING``); raise if it does not.
+
+        Readiness probes call this with a short timeout. The default does nothing.
+        """
+
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """A connection came back after the keeper closed (a forced borrower, late): close it."""
 

@@ -307,6 +307,23 @@ class SQLAlchemyDriver(Driver):
             return records
         return []
 
+    async def ping(self) -> None:
+        """``SELECT 1`` through the pool (a real checkout: a dead server or exhausted pool fails it)."""
+        if self.resource is not self.engine:  # an AsyncEngine: ping on the loop its connections use
+
+            async def ping_async() -> None:
+                async with self.resource.connect() as connection:
+                    await connection.exec_driver_sql("select 1")
+
+            await run_on_loop(self.loop, ping_async())
+            return
+
+        def ping_sync() -> None:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("select 1")
+
+        await run_blocking(ping_sync, name="poolkeeper-sqlalchemy-ping")
+
     def returned_after_close(self) -> None:
         """A forced borrower gave its connection back after the sweep: close it too."""
         for pool in list(self.pools):
