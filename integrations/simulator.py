@@ -163,6 +163,7 @@ def simulate(
     drain_timeout: float = 10.0,
     grace_period: float = 30.0,
     path: str = "/work?ms=100",
+    router_lag: float = 0.0,
 ) -> Simulation:
     """Run one shutdown under load and inspect the servers afterwards."""
     port = free_port()
@@ -180,7 +181,15 @@ def simulate(
         env["POOLKEEPER_DEMO_UPSTREAM_URL"] = upstream_url
     command = gunicorn_command(port, workers) if server == "gunicorn" else service_command(port)
     result = run_scenario(
-        Scenario(command=command, port=port, env=env, clients=clients, path=path, grace_period=grace_period)
+        Scenario(
+            command=command,
+            port=port,
+            env=env,
+            clients=clients,
+            path=path,
+            grace_period=grace_period,
+            router_lag=router_lag,
+        )
     )
     return Simulation(result, inspect_servers(database_url, redis_url, application_name), application_name)
 
@@ -196,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--with-upstream", action="store_true", help="start a local HTTP upstream for the service")
     parser.add_argument("--shutdown-delay", type=float, default=1.0)
     parser.add_argument("--grace-period", type=float, default=30.0)
+    parser.add_argument(
+        "--router-lag", type=float, default=0.0, help="seconds the router keeps routing after readiness fails"
+    )
     arguments = parser.parse_args(argv)
 
     def run(upstream_url: str | None) -> Simulation:
@@ -208,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream_url=upstream_url,
             shutdown_delay=arguments.shutdown_delay,
             grace_period=arguments.grace_period,
+            router_lag=arguments.router_lag,
         )
 
     if arguments.with_upstream:

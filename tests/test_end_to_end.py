@@ -50,6 +50,24 @@ def test_sigterm_under_load_loses_no_request_and_leaves_nothing_open(server, pg_
     assert "closed" in logged_states
 
 
+def test_the_shutdown_delay_serves_requests_routed_during_the_propagation_gap(pg_url):
+    """A router still routing 0.5 s after readiness failed loses nothing with a 1 s shutdown delay."""
+    simulation = simulate(clients=10, database_url=pg_url, shutdown_delay=1.0, router_lag=0.5)
+    result = simulation.result
+    assert result.load.failures == [], result.output
+    assert result.load.last_success_at is not None
+    assert result.readiness_flipped_after is not None
+    # Requests kept arriving, and succeeding, after readiness had already failed.
+    assert result.load.last_success_at - result.signal_sent_at > result.readiness_flipped_after + 0.3
+    assert (result.exit_code, simulation.leftovers.postgres_backends) == (0, 0)
+
+
+def test_without_a_shutdown_delay_the_propagation_gap_loses_requests(pg_url):
+    """The control: with no delay, requests routed in the gap meet a server that stopped accepting."""
+    simulation = simulate(clients=10, database_url=pg_url, shutdown_delay=0.0, router_lag=1.0)
+    assert simulation.result.load.failures, "the gap did not show: the control proves nothing"
+
+
 def test_poolkeeper_demo_exits_0_with_no_server_configured(tmp_path):
     """`poolkeeper demo` runs on its embedded SQLite default and reports a clean shutdown."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("POOLKEEPER_")}

@@ -117,15 +117,28 @@ class ServiceProcess:
 
 
 class Router:
-    """A readiness-respecting load balancer with a single backend: probes it every ``interval``."""
+    """A readiness-respecting load balancer with a single backend: probes it every ``interval``.
 
-    def __init__(self, port: int, interval: float = 0.05) -> None:
+    ``lag`` plays the endpoint-propagation gap: the router keeps routing for that long after
+    its probe first failed, as kube-proxy and cloud load balancers do while they catch up.
+    """
+
+    def __init__(self, port: int, interval: float = 0.05, lag: float = 0.0) -> None:
         self.port = port
         self.interval = interval
-        self.ready = False
+        self.lag = lag
+        self.probe_ready = False
         self.became_unready_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._probe, name="router-probe", daemon=True)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a request is routed to the backend now."""
+        if self.probe_ready:
+            return True
+        flipped = self.became_unready_at
+        return flipped is not None and time.monotonic() < flipped + self.lag
 
     def start(self) -> None:
         """Probe once (so that routing starts ready) and then keep probing in the background."""
@@ -137,9 +150,9 @@ class Router:
             ready = _get(self.port, "/readyz", 1.0) == HTTPStatus.OK
         except OSError:
             ready = False
-        if self.ready and not ready and self.became_unready_at is None:
+        if self.probe_ready and not ready and self.became_unready_at is None:
             self.became_unready_at = time.monotonic()
-        self.ready = ready
+        self.probe_ready = ready
 
     def _probe(self) -> None:
         while not self._stop.wait(self.interval):
@@ -196,6 +209,7 @@ class Scenario:
     path: str = "/work?ms=50"
     load_before_signal: float = 1.5
     grace_period: float = 30.0
+    router_lag: float = 0.0
 
 
 @dataclass
@@ -236,7 +250,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     killed = False
     try:
         service.wait_ready()
-        router = Router(scenario.port)
+        router = Router(scenario.port, lag=scenario.router_lag)
         router.start()
         stop = threading.Event()
         result = LoadResult()
