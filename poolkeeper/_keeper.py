@@ -22,6 +22,7 @@ from poolkeeper.errors import PoolClosedError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from poolkeeper._report import ResourceReport
     from poolkeeper.adapters._base import Driver
 
 __all__ = ["Keeper", "KeeperState"]
@@ -83,6 +84,8 @@ class Keeper:
         self._drain_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread_waiters: list[threading.Event] = []
         self._returned_while_draining = 0
+        #: What closing this keeper did, once it has closed (set by poolkeeper._shutdown).
+        self.close_report: ResourceReport | None = None
 
     # -- read-only surface ---------------------------------------------------------------
 

@@ -207,8 +207,11 @@ class Registry:
 
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
-            existing_ref = _managed.get(resource) if _weakrefable(resource) else None
-            existing = existing_ref() if existing_ref is not None else None
+            if _weakrefable(resource):
+                existing_ref = _managed.get(resource)
+                existing = existing_ref() if existing_ref is not None else None
+            else:  # asyncpg's Pool has __slots__ and takes no weak reference: look in this registry
+                existing = next((keeper for keeper in self.keepers if keeper.resource is resource), None)
             if existing is not None:
                 if self._items.get(existing.name) is existing:
                     return resource

@@ -124,7 +124,9 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     target = redact(driver.describe(), secrets)
     started = time.monotonic()
     if keeper.state is KeeperState.CLOSED:
-        return ResourceReport(keeper.name, keeper.kind, "skipped", target=target)
+        # Closed before the registry got to it (asyncpg's own pool.close() runs this same
+        # procedure): report what that close did, or "skipped" if it left no report.
+        return keeper.close_report or ResourceReport(keeper.name, keeper.kind, "skipped", target=target)
     keeper.start_closing()
 
     drain_until = started + keeper.drain_timeout
@@ -173,7 +175,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     # Counted, not snapshotted: a checkout that raced the start of closing is drained too.
     borrowed_at_start = keeper.returned_while_draining + forced
     outcome: Outcome = "failed" if errors else "forced" if forced else "clean"
-    return ResourceReport(
+    keeper.close_report = ResourceReport(
         name=keeper.name,
         kind=keeper.kind,
         outcome=outcome,
@@ -186,6 +188,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         leaks=leaks,  # type: ignore[arg-type]  # tuple of Borrower built above
         target=target,
     )
+    return keeper.close_report
 
 
 async def run_hook(hook: Hook, finish_by: float | None, forced: asyncio.Future[None]) -> ResourceReport:
