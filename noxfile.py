@@ -12,7 +12,8 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """Run the test suite against the real PostgreSQL and Redis (see README for the URLs)."""
     session.install("-e", ".[all,dev]")
-    session.run("pytest", *session.posargs)
+    # The servers must answer: a missing one fails the run instead of skipping its tests.
+    session.run("pytest", "--poolkeeper-require-services", *session.posargs)
 
 
 @nox.session

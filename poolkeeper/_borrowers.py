@@ -18,6 +18,8 @@ __all__ = ["Borrow", "Borrower", "Entry", "Frame", "capture_stack", "collected",
 
 # Frames from these modules are plumbing, never "where the user borrowed the connection".
 _PLUMBING_MODULES = (
+    "runpy",
+    "<frozen",
     "poolkeeper.",
     "sqlalchemy.",
     "asyncpg.",
@@ -55,14 +57,25 @@ _RawFrame = tuple[str, int, str]  # (filename, lineno, function), made into Fram
 
 def _capture(skip: int) -> tuple[_RawFrame, ...]:
     frames: list[_RawFrame] = []
-    frame = sys._getframe(skip)  # noqa: SLF001 -- the cheap way to walk the stack at checkout
+    frame: Any = sys._getframe(skip)  # noqa: SLF001 -- the cheap way to walk the stack at checkout
     plumbing = _PLUMBING_MODULES
-    while frame is not None and len(frames) < _MAX_FRAMES:
+    # SQLAlchemy's asyncio layer checks out inside a greenlet whose stack ends in the library;
+    # the caller's frames (the task's) go on in the parent greenlet. Looked at only when greenlet
+    # is already imported, so nothing is imported here.
+    greenlets = sys.modules.get("greenlet")
+    current = greenlets.getcurrent() if greenlets is not None else None
+    while len(frames) < _MAX_FRAMES:
+        if frame is None:
+            current = getattr(current, "parent", None)
+            if current is None:
+                break
+            frame = current.gr_frame
+            continue
         module = frame.f_globals.get("__name__", "")
         if not module.startswith(plumbing) and module not in ("poolkeeper", "sqlalchemy"):
             code = frame.f_code
             frames.append((code.co_filename, frame.f_lineno, code.co_name))
-        frame = frame.f_back  # type: ignore[assignment]  # f_back is None at the bottom
+        frame = frame.f_back
     frames.reverse()
     return tuple(frames)
 

@@ -17,6 +17,13 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Database 9: the suite never touches database 0, and never flushes anything it did not create.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 
+# The servers come from poolkeeper's own pytest plugin (poolkeeper_postgres_url and
+# poolkeeper_redis_url), which reads these variables. CI sets them and passes
+# --poolkeeper-require-services; a developer's run uses the loopback servers by default. With a
+# server named here, the plugin fails (never skips) the tests that need it when it is down.
+os.environ.setdefault("POOLKEEPER_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+os.environ.setdefault("POOLKEEPER_REDIS_URL", DEFAULT_REDIS_URL)
+
 
 def postgres_url() -> str:
     """The server the suite talks to: ``POOLKEEPER_POSTGRES_URL`` or the loopback default."""
@@ -24,15 +31,9 @@ def postgres_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
-    """A libpq URL of a reachable PostgreSQL; the run fails (never skips) when there is none."""
-    url = postgres_url()
-    try:
-        with psycopg.connect(url, connect_timeout=5) as connection:
-            connection.execute("select 1")
-    except psycopg.OperationalError as error:
-        pytest.fail(f"PostgreSQL is not reachable at {url}: {error}. Start it or set POOLKEEPER_POSTGRES_URL.")
-    return url
+def pg_url(poolkeeper_postgres_url: str) -> str:
+    """A libpq URL of a throwaway database of this session's own on the PostgreSQL server."""
+    return poolkeeper_postgres_url
 
 
 def sqlalchemy_url(url: str, driver: str, password: str | None = None) -> sa.URL:
@@ -44,19 +45,9 @@ def sqlalchemy_url(url: str, driver: str, password: str | None = None) -> sa.URL
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A URL of a reachable Redis (never database 0); the run fails (never skips) when there is none."""
-    import redis  # noqa: PLC0415 -- only the Redis tests pay for importing it
-
-    url = os.environ.get("POOLKEEPER_REDIS_URL", DEFAULT_REDIS_URL)
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        pytest.fail(f"Redis is not reachable at {url}: {error}. Start it or set POOLKEEPER_REDIS_URL.")
-    finally:
-        client.close()
-    return url
+def redis_url(poolkeeper_redis_url: str) -> str:
+    """A URL of the Redis server naming a database of this session's own (never database 0)."""
+    return poolkeeper_redis_url
 
 
 class Server:

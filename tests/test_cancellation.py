@@ -62,6 +62,14 @@ def borrow_in_thread(engine: sa.Engine) -> tuple[threading.Thread, list[BaseExce
     return thread, errors
 
 
+def wait_until_closing_started(registry: Registry, timeout: float = 10.0) -> None:
+    """Block until the keeper "db" left OPEN (there is no event for "closing started")."""
+    end = time.monotonic() + timeout
+    while registry["db"].state is KeeperState.OPEN:
+        assert time.monotonic() < end, "closing never started"
+        time.sleep(0.002)
+
+
 async def hold(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         await connection.execute(sa.text("select pg_sleep(60)"))
@@ -207,11 +215,10 @@ def test_force_close_from_another_thread_cuts_a_running_close_short(make_engine)
     forced: list[object] = []
 
     def force_when_draining() -> None:
-        while registry["db"].state is not KeeperState.DRAINING:  # no event for "closing started"
-            time.sleep(0.002)
+        wait_until_closing_started(registry)
         forced.append(registry.force_close())
 
-    forcer = threading.Thread(target=force_when_draining)
+    forcer = threading.Thread(target=force_when_draining, daemon=True)
     forcer.start()
     started = time.monotonic()
     report = registry.close()
@@ -233,8 +240,7 @@ def test_force_close_from_a_signal_handler_interrupting_close(make_engine):
     assert main is not None
 
     def signal_when_draining() -> None:
-        while registry["db"].state is not KeeperState.DRAINING:  # no event for "closing started"
-            time.sleep(0.002)
+        wait_until_closing_started(registry)
         signal.pthread_kill(main, signal.SIGUSR1)
 
     try:

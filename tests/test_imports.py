@@ -11,7 +11,7 @@ import pytest
 DRIVERS = ["sqlalchemy", "asyncpg", "redis", "aiohttp", "fastapi", "starlette", "psycopg", "psycopg2", "testcontainers"]
 
 
-@pytest.mark.parametrize("module", ["poolkeeper", "poolkeeper.errors", "poolkeeper.cli"])
+@pytest.mark.parametrize("module", ["poolkeeper", "poolkeeper.errors", "poolkeeper.cli", "poolkeeper.pytest_plugin"])
 def test_importing_poolkeeper_imports_no_driver(module):
     """A fresh interpreter that imports poolkeeper has none of the wrapped libraries loaded."""
     code = (
