@@ -84,6 +84,7 @@ class Keeper:
         self._drain_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread_waiters: list[threading.Event] = []
         self._returned_while_draining = 0
+        self._refused = 0
         #: What closing this keeper did, once it has closed (set by poolkeeper._shutdown).
         self.close_report: ResourceReport | None = None
 
@@ -120,6 +121,16 @@ class Keeper:
         return len(self._borrows)
 
     @property
+    def idle(self) -> int | None:
+        """How many physical connections sit idle in the pool now; ``None`` when the library does not say."""
+        return self._driver.idle_count()
+
+    @property
+    def refused(self) -> int:
+        """How many checkouts were refused (:class:`PoolClosedError` raised) since closing started."""
+        return self._refused
+
+    @property
     def tracks_borrowers(self) -> bool:
         """Whether borrow sites are recorded (``track_borrowers`` or ``leak_threshold``)."""
         return self._track
@@ -144,7 +155,11 @@ class Keeper:
     # -- the checkout protocol adapters call ------------------------------------------------
 
     def refusal(self) -> PoolClosedError:
-        """The error a refused checkout raises."""
+        """The error a refused checkout raises; each call counts one refusal (see :attr:`refused`)."""
+        # Under the lock, so that concurrent refusals lose no count; refusals only happen once
+        # closing has started, so the checkout path never pays for it.
+        with self._lock:
+            self._refused += 1
         return PoolClosedError(self._name, self._state.value)
 
     @property

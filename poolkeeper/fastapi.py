@@ -130,13 +130,20 @@ async def _ping(keeper: Keeper) -> str:
 
 
 def health_routes(
-    registry: Registry | None = None, *, ready_path: str = "/readyz", live_path: str = "/livez", ping: bool = True
+    registry: Registry | None = None,
+    *,
+    ready_path: str = "/readyz",
+    live_path: str = "/livez",
+    ping: bool = True,
+    report_path: str | None = None,
 ) -> list[BaseRoute]:
     """The readiness and liveness routes as plain Starlette routes (see :func:`health_router`).
 
     For a Starlette app: ``Starlette(routes=[*health_routes(registry), ...])``.
     """
     chosen = _registry_or_default(registry)
+    if report_path is not None and (not isinstance(report_path, str) or not report_path.startswith("/")):
+        raise ValueError(f"report_path must be a path starting with '/' or None, got {report_path!r}")
 
     async def readyz(request: Request) -> JSONResponse:  # noqa: ARG001 -- Starlette passes the request
         keepers = chosen.keepers
@@ -154,14 +161,28 @@ def health_routes(
     async def livez(request: Request) -> JSONResponse:  # noqa: ARG001 -- Starlette passes the request
         return JSONResponse({"status": "alive", "draining": chosen.draining})
 
-    return [
+    async def shutdown_report(request: Request) -> JSONResponse:  # noqa: ARG001 -- Starlette passes the request
+        report = chosen.report
+        if report is None:
+            return JSONResponse({"status": "draining" if chosen.draining else "open"}, status_code=404)
+        return JSONResponse(report.to_dict())
+
+    routes: list[BaseRoute] = [
         Route(ready_path, readyz, methods=["GET"], include_in_schema=False),
         Route(live_path, livez, methods=["GET"], include_in_schema=False),
     ]
+    if report_path is not None:
+        routes.append(Route(report_path, shutdown_report, methods=["GET"], include_in_schema=False))
+    return routes
 
 
 def health_router(
-    registry: Registry | None = None, *, ready_path: str = "/readyz", live_path: str = "/livez", ping: bool = True
+    registry: Registry | None = None,
+    *,
+    ready_path: str = "/readyz",
+    live_path: str = "/livez",
+    ping: bool = True,
+    report_path: str | None = None,
 ) -> APIRouter:
     """Readiness and liveness endpoints, for ``app.include_router(...)``.
 
@@ -175,10 +196,14 @@ def health_router(
         ready_path: path of the readiness endpoint.
         live_path: path of the liveness endpoint.
         ping: ping every keeper on each readiness probe.
+        report_path: opt-in path serving the shutdown report as JSON: ``registry.report.to_dict()``
+            (redacted; with borrow-site stacks when tracked) once the registry has closed, and
+            404 ``{"status": "open"}`` (or ``"draining"``) before.
 
     Returns:
         A FastAPI ``APIRouter``. A Starlette app without FastAPI uses :func:`health_routes`.
     """
     from fastapi import APIRouter  # noqa: PLC0415 -- the rest of this module serves Starlette-only apps too
 
-    return APIRouter(routes=health_routes(registry, ready_path=ready_path, live_path=live_path, ping=ping))
+    routes = health_routes(registry, ready_path=ready_path, live_path=live_path, ping=ping, report_path=report_path)
+    return APIRouter(routes=routes)

@@ -128,3 +128,34 @@ def test_bad_shutdown_delay_is_refused(bad):
     """shutdown_delay must be a finite number of seconds >= 0."""
     with pytest.raises(ValueError, match="shutdown_delay"):
         lifespan(Registry(), shutdown_delay=bad)
+
+
+def test_the_shutdown_report_is_served_once_closed_and_only_when_asked_for(make_engine):
+    """report_path answers 404 with the status while open or draining, then report.to_dict(), password-free."""
+    registry = Registry(drain_timeout=0.0)
+    engine = registry.wrap(make_engine(password=PASSWORD), name="db")
+    app = FastAPI()
+    app.include_router(health_router(registry, ping=False, report_path="/shutdown-report"))
+    client = TestClient(app)
+    assert client.get("/shutdown-report").status_code == 404
+    assert client.get("/shutdown-report").json() == {"status": "open"}
+    registry.start_draining()
+    assert client.get("/shutdown-report").json() == {"status": "draining"}
+    held = engine.connect()  # trust authentication accepts the fake password
+    report = registry.close()
+    response = client.get("/shutdown-report")
+    with contextlib.suppress(sa.exc.DBAPIError):  # its socket was cut by the force-close
+        held.close()
+    assert response.status_code == 200
+    assert response.json() == report.to_dict()
+    assert response.json()["items"][0]["forced"] == 1
+    assert PASSWORD not in response.text
+    without = FastAPI()
+    without.include_router(health_router(registry, ping=False))
+    assert TestClient(without).get("/shutdown-report").json() == {"detail": "Not Found"}
+
+
+def test_a_bad_report_path_is_refused():
+    """report_path must be a path starting with '/' or None."""
+    with pytest.raises(ValueError, match="report_path"):
+        health_routes(Registry(), report_path="shutdown-report")

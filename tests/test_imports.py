@@ -8,7 +8,19 @@ import sys
 
 import pytest
 
-DRIVERS = ["sqlalchemy", "asyncpg", "redis", "aiohttp", "fastapi", "starlette", "psycopg", "psycopg2", "testcontainers"]
+DRIVERS = [
+    "sqlalchemy",
+    "asyncpg",
+    "redis",
+    "aiohttp",
+    "fastapi",
+    "starlette",
+    "psycopg",
+    "psycopg2",
+    "testcontainers",
+    "prometheus_client",
+    "opentelemetry",
+]
 
 
 @pytest.mark.parametrize("module", ["poolkeeper", "poolkeeper.errors", "poolkeeper.cli", "poolkeeper.pytest_plugin"])

@@ -72,6 +72,13 @@ class Driver(abc.ABC):
         Readiness probes call this with a short timeout. The default does nothing.
         """
 
+    def idle_count(self) -> int | None:
+        """How many physical connections sit idle in the pool now; ``None`` when the library does not say.
+
+        Read at metrics scrape time, from any thread: no I/O, no waiting on the library's loop.
+        """
+        return None
+
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """A connection came back after the keeper closed (a forced borrower, late): close it."""
 

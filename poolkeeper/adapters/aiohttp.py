@@ -186,6 +186,14 @@ class AiohttpDriver(Driver):
                 found += [value, value.partition(" ")[2].strip()]  # the header, and its credentials alone
         return tuple(dict.fromkeys(secret for secret in found if secret))
 
+    def idle_count(self) -> int:
+        """Keep-alive connections waiting in the session's connector for reuse."""
+        connector = self.session.connector  # None once the session is closed
+        if connector is None:
+            return 0
+        # list() copies the values in one step under the GIL: the loop may add or drop hosts meanwhile.
+        return sum(len(connections) for connections in list(connector._conns.values()))  # noqa: SLF001 -- no public count
+
     # -- guards -------------------------------------------------------------------------------
 
     def attach(self, keeper: Keeper) -> None:

@@ -308,6 +308,10 @@ class AsyncpgDriver(Driver):
         """The passwords the pool connects with, to be scrubbed from error texts."""
         return tuple(dict.fromkeys(secret for secret in self._target()[1] if secret))
 
+    def idle_count(self) -> int:
+        """Connected, unborrowed connections (``Pool.get_idle_size()``)."""
+        return int(self.pool.get_idle_size())
+
     def _target(self) -> tuple[str, list[str]]:
         pool = self.pool
         target, secrets = _configured_target(pool._connect_args or (), dict(pool._connect_kwargs))  # noqa: SLF001

@@ -269,6 +269,10 @@ class RedisDriver(Driver):
         kwargs = self.pool.connection_kwargs
         return tuple(str(kwargs[key]) for key in ("password", "ssl_password") if kwargs.get(key))
 
+    def idle_count(self) -> int:
+        """Connected connections in the pool's free list (disconnected ones kept for reuse do not count)."""
+        return sum(1 for connection in _idle(self.pool) if connection.is_connected)
+
     def _refuse_reconnect(self, *_args: Any, **_kwargs: Any) -> Any:
         raise self.keeper.refusal()
 

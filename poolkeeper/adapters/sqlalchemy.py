@@ -20,7 +20,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import NullPool, Pool, QueuePool
 from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
@@ -230,6 +230,25 @@ class SQLAlchemyDriver(Driver):
         """The URL's password, to be scrubbed from error texts."""
         password = self.engine.url.password
         return (str(password),) if password else ()
+
+    def idle_count(self) -> int | None:
+        """Connections checked in to the engine's pools (``QueuePool.checkedin()``).
+
+        ``None`` for pools that keep no queue of idle connections (``SingletonThreadPool``,
+        ``StaticPool``). Every pool the engine used counts: one that ``Engine.dispose()``
+        replaced still holds the connections returned to it later.
+        """
+        idle = 0
+        for pool in list(self.pools):
+            if isinstance(pool, NullPool):
+                continue  # closes every connection on return: never any idle
+            if not isinstance(pool, QueuePool):
+                return None
+            queue = pool._pool  # noqa: SLF001 -- the pool's queue of idle records
+            if isinstance(queue, sqla_queue.AsyncAdaptedQueue) and "_queue" not in vars(queue):
+                continue  # its asyncio queue is made on first use; making it here would race the loop
+            idle += pool.checkedin()
+        return idle
 
     # -- guards -------------------------------------------------------------------------------
 
