@@ -155,6 +155,14 @@ class Registry:
                     return found
         return None
 
+    def _keeper_of(self, managed: Any) -> Keeper | None:
+        """The keeper (of any registry) already managing ``managed``, if any."""
+        if _weakrefable(managed):
+            existing_ref = _managed.get(managed)
+            return existing_ref() if existing_ref is not None else None
+        # asyncpg's Pool has __slots__ and takes no weak reference: look among this registry's keepers.
+        return next((keeper for keeper in self.keepers if keeper.driver.managed_object is managed), None)
+
     def _unique_name(self, base: str) -> str:
         name, counter = base, 2
         while name in self._items:
@@ -207,18 +215,21 @@ class Registry:
 
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
-            if _weakrefable(resource):
-                existing_ref = _managed.get(resource)
-                existing = existing_ref() if existing_ref is not None else None
-            else:  # asyncpg's Pool has __slots__ and takes no weak reference: look in this registry
-                existing = next((keeper for keeper in self.keepers if keeper.resource is resource), None)
-            if existing is not None:
-                if self._items.get(existing.name) is existing:
-                    return resource
-                raise RegistrationError(
-                    f"this {type(resource).__name__} is already managed by another registry as {existing.name!r}"
-                )
             driver = driver_for(resource)
+            managed = driver.managed_object
+            existing = self._keeper_of(managed)
+            if existing is not None:
+                if self._items.get(existing.name) is not existing:
+                    raise RegistrationError(
+                        f"this {type(resource).__name__} is already managed by another registry as {existing.name!r}"
+                    )
+                if name is not None and name != existing.name:
+                    raise RegistrationError(
+                        f"this {type(resource).__name__} is already managed here as {existing.name!r}"
+                        f"{'' if managed is resource else ' (through another object sharing its pool)'}; "
+                        f"it cannot also be {name!r}"
+                    )
+                return resource
             name = name if name is not None else self._unique_name(driver.kind)
             self._check_new_item(name, dependencies)
             keeper = Keeper(
@@ -232,8 +243,8 @@ class Registry:
             )
             driver.attach(keeper)  # raises, having undone itself, if the resource cannot be guarded
             self._items[name] = keeper
-            if _weakrefable(resource):
-                _managed[resource] = weakref.ref(keeper)
+            if _weakrefable(managed):
+                _managed[managed] = weakref.ref(keeper)
         _exit.track(self)
         logger.debug("poolkeeper: wrapped %s as %r", type(resource).__name__, name, extra={"poolkeeper_keeper": name})
         return driver.resource  # type: ignore[no-any-return]  # the same T that was passed in

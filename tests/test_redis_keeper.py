@@ -189,16 +189,19 @@ def test_wrap_returns_the_same_client_still_usable(make_client, key):
 
 
 def test_a_second_client_on_the_same_pool_is_not_managed_twice(make_client):
-    """Wrapping another client of an already managed pool raises RegistrationError; both are refused after close."""
+    """Another client of an already managed pool is returned without a second keeper; both refuse after close."""
     first = make_client()
     second = redis.Redis(connection_pool=first.connection_pool)
     registry, other = Registry(), Registry()
     registry.wrap(first, name="cache")
     assert registry.wrap(first) is first
+    assert registry.wrap(second) is second
+    assert registry.wrap(second, name="cache") is second
 
-    for target in (registry, other):
-        with pytest.raises(RegistrationError, match="already managed by keeper 'cache'"):
-            target.wrap(second, name="cache-2")
+    with pytest.raises(RegistrationError, match="already managed here as 'cache'.*sharing its pool"):
+        registry.wrap(second, name="cache-2")
+    with pytest.raises(RegistrationError, match="another registry as 'cache'"):
+        other.wrap(second, name="cache-2")
     assert [keeper.name for keeper in registry.keepers] == ["cache"]
     assert len(other) == 0
 

@@ -196,3 +196,13 @@ async def test_sync_close_from_another_thread_closes_on_the_engines_loop(make_as
     report = await asyncio.to_thread(registry.close)
     assert report["db"].outcome == "clean"
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+async def test_an_async_engine_and_its_sync_engine_share_one_keeper(make_async_engine):
+    """Wrapping an AsyncEngine's sync_engine after the AsyncEngine registers nothing new."""
+    engine = make_async_engine()
+    registry = Registry()
+    registry.wrap(engine, name="db")
+    assert registry.wrap(engine.sync_engine) is engine.sync_engine
+    assert len(registry) == 1
+    await registry.aclose()

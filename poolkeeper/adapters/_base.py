@@ -43,6 +43,15 @@ class Driver(abc.ABC):
         return self._keeper
 
     @property
+    def managed_object(self) -> Any:
+        """The object the guards go on; two resources sharing it are one keeper's.
+
+        A redis client's connection pool, an ``AsyncEngine``'s sync engine; by default the
+        wrapped resource itself.
+        """
+        return self.resource
+
+    @property
     def home_loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the connections live on; ``None`` for thread-based libraries."""
         return None

@@ -278,6 +278,11 @@ class RedisDriver(Driver):
 
     # -- guards -------------------------------------------------------------------------------
 
+    @property
+    def managed_object(self) -> Any:
+        """The client's connection pool: clients sharing a pool share its keeper."""
+        return self.pool
+
     def attach(self, keeper: Keeper) -> None:
         """Guard the client's pool and count the connections already out; undone if that fails.
 

@@ -218,6 +218,11 @@ class SQLAlchemyDriver(Driver):
         self._originals: list[tuple[Pool, type[Pool], Any, type[Any] | None]] = []
 
     @property
+    def managed_object(self) -> Any:
+        """The sync engine: an ``AsyncEngine`` and its ``sync_engine`` share one keeper."""
+        return self.engine
+
+    @property
     def home_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop of the last async checkout (``None`` for sync engines)."""
         return self.loop
