@@ -198,7 +198,7 @@ def test_a_second_client_on_the_same_pool_is_not_managed_twice(make_client):
     assert registry.wrap(second) is second
     assert registry.wrap(second, name="cache") is second
 
-    with pytest.raises(RegistrationError, match="already managed here as 'cache'.*sharing its pool"):
+    with pytest.raises(RegistrationError, match=r"already managed here as 'cache'.*sharing its pool"):
         registry.wrap(second, name="cache-2")
     with pytest.raises(RegistrationError, match="another registry as 'cache'"):
         other.wrap(second, name="cache-2")
