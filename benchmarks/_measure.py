@@ -1,4 +1,8 @@
-"""Timing helpers shared by the benchmarks: interleaved rounds, medians, ratios."""
+"""Timing helpers shared by the benchmarks, and the results every suite hands to the renderer.
+
+Overheads are measured in interleaved rounds (raw, poolkeeper, raw, poolkeeper...) so that
+machine noise hits both alike, and summarised as the median of the per-round ratios.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,89 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+
+# The sections of the report, in the order they are printed.
+OVERHEAD = "Overhead against the raw libraries"
+LATENCY = "Drain wake-up latency"
+SCALE = "Shutdown at scale"
+MEMORY = "Memory per borrow"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured figure: a console row and a row of ``docs/performance.md``.
+
+    Attributes:
+        section: which table it belongs to (``OVERHEAD``, ``LATENCY``, ``SCALE``, ``MEMORY``).
+        name: what was measured.
+        unit: the unit of ``raw`` and ``wrapped`` (``"us"``, ``"ms"``, ``"B"``).
+        wrapped: poolkeeper's figure (a median).
+        raw: the raw library's figure, or the reference ``wrapped`` is compared with; ``None``
+            when there is none.
+        ratio: ``wrapped / raw`` (the median of per-round ratios where there are rounds).
+        goal: the goal as text (``"<= 1.10x"``, ``"< 250 ms"``); empty when there is none.
+        met: whether the goal was met; ``None`` when there is no goal.
+        detail: how it was measured, spread, anything a reader needs to trust the figure.
+        chart: ``(label, value in unit)`` bars, for a figure a picture explains better.
+    """
+
+    section: str
+    name: str
+    unit: str
+    wrapped: float
+    raw: float | None = None
+    ratio: float | None = None
+    goal: str = ""
+    met: bool | None = None
+    detail: str = ""
+    chart: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        """``"ok"``, ``"OVER GOAL"``, or empty when there is no goal."""
+        if self.met is None:
+            return ""
+        return "ok" if self.met else "OVER GOAL"
+
+
+@dataclass(frozen=True)
+class CloseOutcome:
+    """What one way of closing a pool did to the same in-flight work (the side-by-side table).
+
+    Attributes:
+        library: the library and the client closed.
+        closer: the call that closed it.
+        poolkeeper: whether that call is poolkeeper's (else the raw library's own).
+        seconds: how long that call took.
+        finishing: requests in flight at shutdown that would have finished by themselves.
+        finishing_failed: how many of them failed.
+        finishing_errors: the error types they failed with.
+        stuck: what happened to the one request that never finishes by itself.
+        leftovers: what the server still had open from this client once the finishing requests
+            were over (after up to a second for the server to notice closed sockets).
+        new_request: what a new request made while closing (or after it returned) got.
+    """
+
+    library: str
+    closer: str
+    poolkeeper: bool
+    seconds: float
+    finishing: int
+    finishing_failed: int
+    finishing_errors: str
+    stuck: str
+    leftovers: str
+    new_request: str
+
+
+Row = Result | CloseOutcome
+
+
+def spread(values: Sequence[float], unit: str, scale: float = 1.0) -> str:
+    """``"a-b unit over n runs"``: the range of ``values`` (multiplied by ``scale``)."""
+    low, high = min(values) * scale, max(values) * scale
+    return f"range {low:.3g}-{high:.3g} {unit} over {len(values)} runs"
 
 
 @dataclass
@@ -24,14 +110,20 @@ class Comparison:
         """Median of the per-round ratios: each round pairs neighbouring raw and wrapped runs."""
         return statistics.median(w / r for r, w in zip(self.raw, self.wrapped, strict=True))
 
-    def row(self, goal: float | None) -> str:
-        raw_us = statistics.median(self.raw) * 1e6
-        wrapped_us = statistics.median(self.wrapped) * 1e6
-        if goal is None:
-            verdict = "(no goal)"
-        else:
-            verdict = f"(goal <= {goal:.2f}x) " + ("ok" if self.ratio <= goal else "OVER GOAL")
-        return f"{self.name:<44} {raw_us:>9.2f} us {wrapped_us:>9.2f} us {self.ratio:>7.3f}x  {verdict}"
+    def result(self, goal: float | None) -> Result:
+        """The comparison as a :class:`Result`, in microseconds per operation."""
+        ratios = [w / r for r, w in zip(self.raw, self.wrapped, strict=True)]
+        return Result(
+            section=OVERHEAD,
+            name=self.name,
+            unit="us",
+            raw=statistics.median(self.raw) * 1e6,
+            wrapped=statistics.median(self.wrapped) * 1e6,
+            ratio=self.ratio,
+            goal="" if goal is None else f"<= {goal:.2f}x",
+            met=None if goal is None else self.ratio <= goal,
+            detail=f"{len(ratios)} rounds, ratios {min(ratios):.3f}-{max(ratios):.3f}",
+        )
 
 
 def per_op(operation: Callable[[], object], count: int) -> float:
@@ -55,10 +147,17 @@ def compare(
     return result
 
 
-def latency_row(name: str, samples: list[float], goal_ms: float) -> str:
+def latency_result(name: str, samples: list[float], goal_ms: float) -> Result:
     """Median and p90 of ``samples`` (seconds) against a goal in milliseconds."""
     ordered = sorted(samples)
     median_ms = statistics.median(ordered) * 1e3
     p90_ms = ordered[int(len(ordered) * 0.9) - 1] * 1e3
-    verdict = "ok" if median_ms < goal_ms else "OVER GOAL"
-    return f"{name:<44} median {median_ms:>7.3f} ms  p90 {p90_ms:>7.3f} ms  (goal < {goal_ms:g} ms) {verdict}"
+    return Result(
+        section=LATENCY,
+        name=name,
+        unit="ms",
+        wrapped=median_ms,
+        goal=f"< {goal_ms:g} ms",
+        met=median_ms < goal_ms,
+        detail=f"p90 {p90_ms:.3f} ms, max {ordered[-1] * 1e3:.3f} ms, {len(ordered)} samples",
+    )

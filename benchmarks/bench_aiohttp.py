@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from benchmarks._measure import Comparison, latency_row
+from benchmarks._measure import Comparison, Result, latency_result
 from poolkeeper import Registry
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ async def compare_get(name: str, url: str, *, count: int, rounds: int) -> Compar
     return result
 
 
-async def drain_latency(base: str, samples: int = 50) -> str:
+async def drain_latency(base: str, samples: int = 50) -> Result:
     """Time from the release of the last response to ``aclose()`` returning."""
     latencies = []
     for _ in range(samples):
@@ -91,15 +91,15 @@ async def drain_latency(base: str, samples: int = 50) -> str:
         response.release()
         await closing
         latencies.append(time.perf_counter() - released_at)
-    return latency_row("aiohttp drain wake-up", latencies, 2.0)
+    return latency_result("aiohttp drain wake-up", latencies, 2.0)
 
 
-async def run_all() -> list[str]:
+async def run_all() -> list[Result]:
     async with local_server() as base:
         small = await compare_get("aiohttp GET, small body", f"{base}/small", count=300, rounds=21)
         large = await compare_get("aiohttp GET, 256 KiB body read after return", f"{base}/large", count=60, rounds=21)
-        return [small.row(1.05), large.row(1.05), await drain_latency(base)]
+        return [small.result(1.05), large.result(1.05), await drain_latency(base)]
 
 
-def run() -> list[str]:
+def run() -> list[Result]:
     return asyncio.run(run_all())

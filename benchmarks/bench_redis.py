@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import redis
 import redis.asyncio
 
-from benchmarks._measure import Comparison, compare, latency_row, per_op
-from poolkeeper import Registry
+from benchmarks._measure import Comparison, Result, compare, latency_result, per_op
+from poolkeeper import KeeperState, Registry
 
 URL = os.environ.get("POOLKEEPER_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
-def sync_ping_overhead() -> list[str]:
+def sync_ping_overhead() -> list[Result]:
     raw = redis.Redis.from_url(URL)
     wrapped = redis.Redis.from_url(URL)
     registry = Registry()
     registry.wrap(wrapped, name="cache")
-    rows = [compare("redis PING round trip", raw.ping, wrapped.ping, count=2000, rounds=31).row(1.05)]
+    rows = [compare("redis PING round trip", raw.ping, wrapped.ping, count=2000, rounds=31).result(1.05)]
     tracked_registry = Registry(track_borrowers=True)
     tracked = redis.Redis.from_url(URL)
     tracked_registry.wrap(tracked, name="cache")
-    rows.append(
-        compare("redis PING round trip, tracked", raw.ping, tracked.ping, count=2000, rounds=11).row(float("inf"))
-    )
+    rows.append(compare("redis PING round trip, tracked", raw.ping, tracked.ping, count=2000, rounds=11).result(None))
     registry.close()
     tracked_registry.close()
     raw.close()
@@ -58,7 +57,7 @@ async def acompare(
     return result
 
 
-async def async_ping_overhead() -> str:
+async def async_ping_overhead() -> Result:
     raw = redis.asyncio.Redis.from_url(URL)
     wrapped = redis.asyncio.Redis.from_url(URL)
     registry = Registry()
@@ -67,10 +66,10 @@ async def async_ping_overhead() -> str:
     await registry.aclose()
     await raw.aclose()
     await wrapped.aclose()
-    return comparison.row(1.05)
+    return comparison.result(1.05)
 
 
-def checkout_overhead() -> str:
+def checkout_overhead() -> Result:
     """get_connection + release alone, no round trip: what the guard adds to the pool's own work."""
     raw = redis.ConnectionPool.from_url(URL)
     wrapped_client = redis.Redis.from_url(URL)
@@ -86,13 +85,13 @@ def checkout_overhead() -> str:
     per_op(lambda: checkout(raw), 10)
     row = compare(
         "redis get_connection+release (no I/O)", lambda: checkout(raw), lambda: checkout(wrapped), count=2000, rounds=21
-    ).row(float("inf"))
+    ).result(None)
     registry.close()
     raw.disconnect()
     return row
 
 
-async def async_checkout_overhead() -> str:
+async def async_checkout_overhead() -> Result:
     """The asyncio pool's get_connection + release alone, no round trip."""
     raw = redis.asyncio.ConnectionPool.from_url(URL)
     client = redis.asyncio.Redis.from_url(URL)
@@ -115,10 +114,39 @@ async def async_checkout_overhead() -> str:
     await registry.aclose()
     await raw.disconnect()
     await client.aclose()
-    return result.row(float("inf"))
+    return result.result(None)
 
 
-async def async_drain_latency(samples: int = 30) -> str:
+def sync_drain_latency(samples: int = 30) -> Result:
+    """Time from the last connection's return to close() returning, on a sync client."""
+    latencies = []
+    for _ in range(samples):
+        registry = Registry(drain_timeout=10)
+        client = redis.Redis.from_url(URL)
+        registry.wrap(client, name="cache")
+        pool = client.connection_pool
+        connection = pool.get_connection()  # what a command borrows
+        closed_at: list[float] = []
+
+        def close(registry: Registry = registry, closed_at: list[float] = closed_at) -> None:
+            registry.close()
+            closed_at.append(time.perf_counter())
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        keeper = registry["cache"]
+        while keeper.state is KeeperState.OPEN:  # wait until the closer is draining
+            time.sleep(0.001)
+        time.sleep(0.01)
+        returned_at = time.perf_counter()
+        pool.release(connection)
+        closer.join()
+        latencies.append(closed_at[0] - returned_at)
+        client.close()
+    return latency_result("redis drain wake-up", latencies, 5.0)
+
+
+async def async_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to aclose() returning, on an asyncio client."""
     latencies = []
     for _ in range(samples):
@@ -134,12 +162,13 @@ async def async_drain_latency(samples: int = 30) -> str:
         await closing
         latencies.append(time.perf_counter() - returned_at)
         await client.aclose()
-    return latency_row("redis.asyncio drain wake-up", latencies, 2.0)
+    return latency_result("redis.asyncio drain wake-up", latencies, 2.0)
 
 
-def run() -> list[str]:
+def run() -> list[Result]:
     rows = sync_ping_overhead()
     rows.append(checkout_overhead())
+    rows.append(sync_drain_latency())
     rows.append(asyncio.run(async_ping_overhead()))
     rows.append(asyncio.run(async_checkout_overhead()))
     rows.append(asyncio.run(async_drain_latency()))

@@ -10,13 +10,13 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from benchmarks._measure import compare, latency_row
+from benchmarks._measure import Result, compare, latency_result
 from poolkeeper import KeeperState, Registry
 
 URL = sa.make_url(os.environ.get("POOLKEEPER_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 
 
-def checkout_overhead() -> list[str]:
+def checkout_overhead() -> list[Result]:
     raw = sa.create_engine(URL.set(drivername="postgresql+psycopg"), pool_size=2)
     wrapped = sa.create_engine(URL.set(drivername="postgresql+psycopg"), pool_size=2)
     registry = Registry()
@@ -32,10 +32,10 @@ def checkout_overhead() -> list[str]:
     rows = [
         compare(
             "sqlalchemy checkout+return", lambda: checkout(raw), lambda: checkout(wrapped), count=2000, rounds=31
-        ).row(1.10),
-        compare("sqlalchemy checkout + SELECT 1", lambda: query(raw), lambda: query(wrapped), count=300, rounds=21).row(
-            1.10
-        ),
+        ).result(1.10),
+        compare(
+            "sqlalchemy checkout + SELECT 1", lambda: query(raw), lambda: query(wrapped), count=300, rounds=21
+        ).result(1.10),
     ]
     tracked_registry = Registry(track_borrowers=True)
     tracked = sa.create_engine(URL.set(drivername="postgresql+psycopg"), pool_size=2)
@@ -47,7 +47,7 @@ def checkout_overhead() -> list[str]:
             lambda: checkout(tracked),
             count=5000,
             rounds=5,
-        ).row(None)
+        ).result(None)
     )
     registry.close()
     tracked_registry.close()
@@ -55,7 +55,7 @@ def checkout_overhead() -> list[str]:
     return rows
 
 
-def sync_drain_latency(samples: int = 30) -> str:
+def sync_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to close() returning, on a sync engine."""
     latencies = []
     for _ in range(samples):
@@ -80,10 +80,10 @@ def sync_drain_latency(samples: int = 30) -> str:
         connection.close()
         closer.join()
         latencies.append(closed_at[0] - returned_at)
-    return latency_row("sqlalchemy sync drain wake-up", latencies, 5.0)
+    return latency_result("sqlalchemy sync drain wake-up", latencies, 5.0)
 
 
-async def async_drain_latency(samples: int = 30) -> str:
+async def async_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to aclose() returning, on an AsyncEngine (asyncpg)."""
     latencies = []
     for _ in range(samples):
@@ -98,10 +98,10 @@ async def async_drain_latency(samples: int = 30) -> str:
         await connection.close()
         await closing
         latencies.append(time.perf_counter() - returned_at)
-    return latency_row("sqlalchemy async (asyncpg) drain wake-up", latencies, 2.0)
+    return latency_result("sqlalchemy async (asyncpg) drain wake-up", latencies, 2.0)
 
 
-def run() -> list[str]:
+def run() -> list[Result]:
     rows = checkout_overhead()
     rows.append(sync_drain_latency())
     rows.append(asyncio.run(async_drain_latency()))

@@ -1,0 +1,287 @@
+"""One renderer for every result: the console rows and ``docs/performance.md``."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from benchmarks import bench_shutdown
+from benchmarks._measure import LATENCY, MEMORY, OVERHEAD, SCALE, CloseOutcome, Result, Row
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from benchmarks._machine import Machine
+
+_NAME_WIDTH = 58
+_BAR_WIDTH = 50
+
+
+def figure(value: float | None, unit: str) -> str:
+    """``value`` with its unit, to a precision that suits the unit; ``-`` when there is none."""
+    if value is None or math.isnan(value):
+        return "-"
+    if unit == "B":
+        return f"{value:,.0f} B"
+    if unit == "ms":  # fewer decimals as the figure grows: three significant digits or more
+        decimals = 0 if value >= 100 else 1 if value >= 10 else 3
+        return f"{value:,.{decimals}f} ms"
+    return f"{value:,.2f} {unit}"
+
+
+def ratio(value: float | None) -> str:
+    """``1.034x``, or ``-``."""
+    return "-" if value is None else f"{value:.3f}x"
+
+
+# -- console ---------------------------------------------------------------------------------------
+
+
+def console_header() -> str:
+    """The column titles of :func:`console_line`."""
+    return f"{'measure':<{_NAME_WIDTH}} {'raw / ref':>12} {'poolkeeper':>12} {'ratio':>8}  goal"
+
+
+def console_line(row: Row) -> str:
+    """One result as a console line (two when its name is long)."""
+    if isinstance(row, CloseOutcome):
+        return (
+            f"{row.library} closed by {row.closer} ({'poolkeeper' if row.poolkeeper else 'raw'}): "
+            f"{row.seconds * 1e3:,.1f} ms; finishing requests failed "
+            f"{row.finishing_failed}/{row.finishing}; stuck request: {row.stuck}; left on the server: "
+            f"{row.leftovers}; new request: {row.new_request}"
+        )
+    name = row.name if len(row.name) <= _NAME_WIDTH else f"{row.name}\n{'':<{_NAME_WIDTH}}"
+    goal = f"({row.goal}) {row.verdict}" if row.goal else ""
+    return (
+        f"{name:<{_NAME_WIDTH}} {figure(row.raw, row.unit):>12} {figure(row.wrapped, row.unit):>12} "
+        f"{ratio(row.ratio):>8}  {goal}"
+    ).rstrip()
+
+
+# -- Markdown ---------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines.extend("| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows)
+    return lines
+
+
+def _verdict(result: Result) -> str:
+    return f"**{result.verdict}**" if result.met is False else result.verdict or "-"
+
+
+def _chart(result: Result) -> list[str]:
+    """An ASCII bar chart of ``result.chart``, in a code block."""
+    if not result.chart:
+        return []
+    longest = max(value for _, value in result.chart) or 1.0
+    label_width = max(len(label) for label, _ in result.chart)
+    lines = ["```text"]
+    for label, value in result.chart:
+        bar = "#" * max(1, round(value / longest * _BAR_WIDTH))
+        lines.append(f"{label:<{label_width}}  {bar:<{_BAR_WIDTH}}  {figure(value, result.unit)}")
+    lines.append("```")
+    return lines
+
+
+def _overhead(results: Sequence[Result]) -> list[str]:
+    return [
+        "Time per operation through a wrapped pool against the same library unwrapped, measured in the same",
+        "process in alternating rounds (raw, poolkeeper, raw, poolkeeper...) so that machine noise hits both",
+        "alike. The ratio is the median of the per-round ratios; the range shows how much rounds disagreed.",
+        "Rows without a goal show what borrower tracking (`track_borrowers=True`) or the bare pool",
+        "checkout (no I/O at all) costs.",
+        "",
+        *_table(
+            ("measure", "raw library", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
+            [
+                (
+                    r.name,
+                    figure(r.raw, r.unit),
+                    figure(r.wrapped, r.unit),
+                    ratio(r.ratio),
+                    r.goal or "-",
+                    _verdict(r),
+                    r.detail,
+                )
+                for r in results
+            ],
+        ),
+    ]
+
+
+def _latency(results: Sequence[Result]) -> list[str]:
+    return [
+        "From the moment the last borrowed connection is given back to the moment `close()` / `aclose()`",
+        "returns: how fast the event-driven drain notices. One keeper per sample, closed while one",
+        "connection is borrowed.",
+        "",
+        *_table(
+            ("keeper", "median", "goal", "verdict", "spread"),
+            [(r.name, figure(r.wrapped, r.unit), r.goal, _verdict(r), r.detail) for r in results],
+        ),
+    ]
+
+
+def _scale(results: Sequence[Result]) -> list[str]:
+    lines = [
+        f"**Concurrency.** {bench_shutdown.KEEPERS} independent keepers (no `depends_on` between them) each lend",
+        "one connection whose borrower still has work to do when shutdown starts. One `aclose()` should take",
+        "about as long as the slowest keeper closed alone, not the sum of all of them.",
+        "",
+        "**Force-close.** Every connection is borrowed and never comes back by itself; `drain_timeout=0`",
+        "sends the keeper straight to force-closing. The time is the whole `aclose()`: refusing, aborting",
+        "every borrowed connection (for PostgreSQL, cancelling each statement on the server first) and",
+        f"closing the pool. Each figure is the median of {bench_shutdown.FORCE_ROUNDS} runs.",
+        "",
+        *_table(
+            ("measure", "reference", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
+            [
+                (
+                    r.name,
+                    figure(r.raw, r.unit),
+                    figure(r.wrapped, r.unit),
+                    ratio(r.ratio),
+                    r.goal or "-",
+                    _verdict(r),
+                    r.detail,
+                )
+                for r in results
+            ],
+        ),
+    ]
+    for result in results:
+        if result.chart:
+            lines += ["", f"{result.name} (medians):", "", *_chart(result)]
+    return lines
+
+
+def _memory(results: Sequence[Result]) -> list[str]:
+    return [
+        "Bytes that poolkeeper's own code allocates per borrowed connection while it is out (the borrow",
+        "record, its slot in the keeper's table, and for aiohttp the per-request record), measured with",
+        "`tracemalloc` over many borrows held at once. A tracked borrow also keeps its borrow-site stack,",
+        "so its size grows with the depth of the caller's stack.",
+        "",
+        *_table(
+            ("borrow", "bytes per borrow", "how measured"),
+            [(r.name, figure(r.wrapped, r.unit), r.detail) for r in results],
+        ),
+    ]
+
+
+def _side_by_side(outcomes: Sequence[CloseOutcome]) -> list[str]:
+    finishing, work, deadline = bench_shutdown.FINISHING, bench_shutdown.WORK, bench_shutdown.DEADLINE
+    return [
+        f"The same work in flight, closed two ways: {finishing} requests that finish about {work:g} s after they",
+        "started, and one that never finishes by itself (a long `pg_sleep`, a `BLPOP` with no timeout, an HTTP",
+        f"body that never ends). poolkeeper is given `drain_timeout={deadline:g}`, and so is asyncpg's own",
+        "`Pool.close()` through `asyncio.wait_for`.",
+        "",
+        "- *time to close*: how long the closing call took;",
+        f"- *finishing requests failed*: of the {finishing} that would have finished, how many got an error;",
+        "- *the stuck request*: whether and when (from the start of the close) its caller got an error;",
+        '  "no error: still waiting" means it was still blocked half a second after the close returned;',
+        "- *left on the server*: what the server still held from this client once the finishing requests",
+        "  were over (after up to one second for the server to notice closed sockets): backends in",
+        "  `pg_stat_activity` by `application_name`, clients in `CLIENT LIST` by name, open connections",
+        "  on the HTTP server (an HTTP client cannot stop the server's handler, only close the connection);",
+        "  this includes any connection the new request below opened;",
+        "- *a new request during close*: made right after the close began (for calls that return at once,",
+        "  right after they returned).",
+        "",
+        *_table(
+            (
+                "library",
+                "closed with",
+                "time to close",
+                "finishing requests failed",
+                "the stuck request",
+                "left on the server",
+                "a new request during close",
+            ),
+            [
+                (
+                    o.library,
+                    f"`{o.closer}` ({'poolkeeper' if o.poolkeeper else 'raw'})",
+                    figure(o.seconds * 1e3, "ms"),
+                    f"{o.finishing_failed} of {o.finishing}"
+                    + ("" if o.finishing_errors == "-" else f" ({o.finishing_errors})"),
+                    o.stuck,
+                    o.leftovers,
+                    o.new_request,
+                )
+                for o in outcomes
+            ],
+        ),
+    ]
+
+
+def markdown(rows: Sequence[Row], machine: Machine) -> str:
+    """The whole of ``docs/performance.md``."""
+    results = [row for row in rows if isinstance(row, Result)]
+    outcomes = [row for row in rows if isinstance(row, CloseOutcome)]
+    goals = [result for result in results if result.met is not None]
+    missed = [result for result in goals if not result.met]
+    lines = [
+        "<!-- Generated by `nox -s bench` (python -m benchmarks): do not edit by hand, run it again. -->",
+        "",
+        "# Performance",
+        "",
+        f"Measured on {machine.started:%Y-%m-%d}. Every figure on this page comes from one run of the benchmark",
+        "suite against real servers on one machine (below). Absolute times depend on that machine; the ratios",
+        "against the raw libraries, measured in the same process in alternating rounds, are what carries over.",
+        "",
+        f"**{len(goals) - len(missed)} of {len(goals)} goals met.**"
+        + (
+            ""
+            if not missed
+            else " Missed: "
+            + "; ".join(
+                f"{r.name} ({figure(r.wrapped, r.unit)}"
+                + (f", {ratio(r.ratio)}" if r.ratio is not None else "")
+                + f", goal {r.goal})"
+                for r in missed
+            )
+            + "."
+        ),
+        "",
+        "## Machine",
+        "",
+        *_table(("", "this run"), machine.facts()),
+        "",
+    ]
+    sections = (
+        (OVERHEAD, _overhead),
+        (LATENCY, _latency),
+        (SCALE, _scale),
+        (MEMORY, _memory),
+    )
+    for title, render in sections:
+        chosen = [result for result in results if result.section == title]
+        if chosen:
+            lines += [f"## {title}", "", *render(chosen), ""]
+    if outcomes:
+        lines += ["## Side by side with the raw libraries' own shutdown", "", *_side_by_side(outcomes), ""]
+    lines += [
+        "## How to reproduce",
+        "",
+        "```bash",
+        "nox -s bench                 # installs the project, runs every suite, rewrites this page",
+        "python -m benchmarks --help  # the same without nox: --only SUITE, --no-report, --json PATH",
+        "```",
+        "",
+        "The servers are PostgreSQL and Redis on loopback by default; `POOLKEEPER_POSTGRES_URL` and",
+        "`POOLKEEPER_REDIS_URL` point the run elsewhere (Redis database 9 by default: the run creates no",
+        f"keys). The PostgreSQL force-close asks for {bench_shutdown.PG_FORCED} connections and uses fewer when",
+        f"the server's `max_connections` cannot spare them (it keeps {bench_shutdown.PG_HEADROOM} free for other",
+        "clients); its row then says so, and shows the time at half that count too, to show the trend.",
+        "",
+    ]
+    return "\n".join(lines)
