@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -36,3 +36,10 @@ def bench(session: nox.Session) -> None:
     """The performance suite; rewrites docs/performance.md from this one run (about 1.5 minutes)."""
     session.install("-e", ".[all,dev]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with ``mkdocs build --strict``: a broken link or reference fails it."""
+    session.install("-e", ".[all,docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", f"{session.create_tmp()}/site", *session.posargs)
