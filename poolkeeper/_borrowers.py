@@ -8,6 +8,7 @@ directly rather than through ``traceback`` so that no source file is read at che
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ _PLUMBING_MODULES = (
     "pytest_asyncio.",
 )
 _MAX_FRAMES = 40
+_PYTEST_MAIN = (f"{os.sep}pytest{os.sep}__main__.py", f"{os.sep}_pytest{os.sep}__main__.py")
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,13 @@ def _capture(skip: int) -> tuple[_RawFrame, ...]:
             frame = current.gr_frame
             continue
         module = frame.f_globals.get("__name__", "")
-        if not module.startswith(plumbing) and module not in ("poolkeeper", "sqlalchemy"):
-            code = frame.f_code
+        code = frame.f_code
+        if (
+            not module.startswith(plumbing)
+            and module not in ("poolkeeper", "sqlalchemy")
+            # `python -m pytest` runs pytest's own __main__ module: plumbing, not the user's script.
+            and not (module == "__main__" and code.co_filename.endswith(_PYTEST_MAIN))
+        ):
             frames.append((code.co_filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     frames.reverse()
