@@ -46,10 +46,19 @@ def run_blocking(function: Callable[[], T], *, name: str = "poolkeeper-blocking"
     def target() -> None:
         try:
             outcome: tuple[Any, BaseException | None] = (function(), None)
+        except (SystemExit, KeyboardInterrupt) as error:
+            # Handed to a task as they are, these would escape the event loop itself and stop it.
+            failure = RuntimeError(f"{type(error).__name__} raised in a worker thread")
+            failure.__cause__ = error
+            outcome = (None, failure)
         except BaseException as error:  # noqa: BLE001 -- handed over to the awaiting task
             outcome = (None, error)
         with contextlib.suppress(RuntimeError):  # the loop closed while we ran: nobody is waiting
             loop.call_soon_threadsafe(settle, *outcome)
+        # The exception's traceback holds this frame: drop the frame's reference back to the
+        # exception, or the cycle keeps whatever it holds (a socket to a dead server) until the
+        # garbage collector runs.
+        del outcome
 
     threading.Thread(target=target, name=name, daemon=True).start()
     return future

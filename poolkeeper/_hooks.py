@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,27 @@ if TYPE_CHECKING:
 __all__ = ["Hook"]
 
 
+#: While a hook runs: (the registry running it, the hook's name). Lets the registry refuse to be
+#: closed from one of its own hooks, which would wait for the very shutdown the hook is part of.
+running_hook: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
+    "poolkeeper_running_hook", default=None
+)
+
+
+def check_hook(argument: str, fn: object) -> None:
+    """Raise ``TypeError`` naming ``argument`` unless ``fn`` can be called with no arguments as a hook."""
+    if not callable(fn):
+        raise TypeError(f"{argument} must be a callable, got {fn!r}")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(f"{argument} must be a function or coroutine function, not a generator function: {fn!r}")
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as error:
+        raise TypeError(f"{argument} must be callable with no arguments: {fn!r} needs some ({error})") from None
+    except ValueError:  # a builtin without a signature: nothing to check
+        pass
+
+
 class Hook:
     """A callable (sync or async) that the registry runs while closing.
 
@@ -23,8 +45,11 @@ class Hook:
 
     kind = "hook"
 
-    def __init__(self, name: str, fn: Callable[[], Any], *, depends_on: Sequence[str], timeout: float) -> None:
+    def __init__(
+        self, name: str, fn: Callable[[], Any], *, depends_on: Sequence[str], timeout: float, owner: object = None
+    ) -> None:
         self.name = name
+        self.owner = owner  # the registry that runs it
         self.fn = fn
         self.depends_on: tuple[str, ...] = tuple(depends_on)
         self.timeout = timeout
@@ -37,9 +62,12 @@ class Hook:
 
     async def run(self) -> None:
         """Call the hook once; an async result (coroutine) is awaited."""
+        # Runs in a task of its own: the marker stays in this task (and the hook's thread).
+        running_hook.set((self.owner, self.name))
         if self.is_async:
             await self.fn()
             return
-        result = await run_blocking(self.fn, name=f"poolkeeper-hook-{self.name}")
+        context = contextvars.copy_context()
+        result = await run_blocking(lambda: context.run(self.fn), name=f"poolkeeper-hook-{self.name}")
         if inspect.isawaitable(result):  # a sync callable that returned an awaitable
             await asyncio.ensure_future(result)

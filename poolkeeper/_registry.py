@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from poolkeeper import _exit
 from poolkeeper._concurrency import wake_soon
-from poolkeeper._hooks import Hook
+from poolkeeper._hooks import Hook, check_hook, running_hook
 from poolkeeper._keeper import Keeper
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import check_name, check_timeout
@@ -287,8 +287,7 @@ class Registry:
         dependencies = _check_depends_on(depends_on)
 
         def register(function: F) -> F:
-            if not callable(function):
-                raise TypeError(f"on_shutdown needs a callable, got {function!r}")
+            check_hook("on_shutdown's fn", function)
             with self._lock:
                 self._refuse_if_closing("register a hook")
                 hook_name = name or getattr(function, "__qualname__", None) or repr(function)
@@ -298,6 +297,7 @@ class Registry:
                     function,
                     depends_on=dependencies,
                     timeout=self.close_timeout if seconds is None else seconds,
+                    owner=self,
                 )
             return function
 
@@ -380,6 +380,14 @@ class Registry:
         self._draining = True
         return True
 
+    def _refuse_from_own_hook(self, method: str) -> None:
+        running = running_hook.get()
+        if running is not None and running[0] is self:
+            raise RuntimeError(
+                f"registry.{method}() was called from its own shutdown hook {running[1]!r}: the registry is "
+                "closing already, and that close would wait for this very hook; force_close() cuts it short"
+            )
+
     def _begin(self) -> tuple[_Shutdown, bool]:
         with self._lock:
             if self._shutdown is not None:
@@ -425,6 +433,7 @@ class Registry:
             ValueError: ``deadline`` is negative, NaN or infinite.
         """
         seconds = check_timeout("deadline", deadline)
+        self._refuse_from_own_hook("aclose")
         shutdown, owner = self._begin()
         if not owner:
             return await asyncio.shield(shutdown.wait())
@@ -446,6 +455,7 @@ class Registry:
                 event loop on which ``aclose()`` is already closing this registry.
         """
         seconds = check_timeout("deadline", deadline)
+        self._refuse_from_own_hook("close")
         running = _running_loop()
         homes = {keeper.driver.home_loop for keeper in self.keepers} - {None}
         if running is not None and running in homes:

@@ -9,6 +9,7 @@ force-closes everything at once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import threading
@@ -142,8 +143,8 @@ def run(
         TypeError: an argument has the wrong type.
         ValueError: ``deadline`` is negative, NaN or infinite, or a signal cannot be handled.
     """
-    if not callable(main):
-        raise TypeError(f"main must be a coroutine function, got {main!r}")
+    if not (inspect.iscoroutinefunction(main) or inspect.iscoroutinefunction(getattr(main, "__call__", None))):  # noqa: B004 -- an object whose __call__ is async
+        raise TypeError(f"main must be a coroutine function (async def), got {main!r}")
     checked = check_registry(registry)
     seconds = check_timeout("deadline", deadline)
     wanted = check_signals("signals", signals)

@@ -25,7 +25,7 @@ from poolkeeper._redact import redact
 from poolkeeper._report import Outcome, ResourceReport, ShutdownReport
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 __all__ = ["ForceSwitch", "Item", "run_shutdown"]
 
@@ -117,6 +117,23 @@ def _tails(items: Mapping[str, Item], deadline_seconds: float | None) -> dict[st
     return tails
 
 
+async def _step(
+    keeper: Keeper, what: str, work: Awaitable[None], budget: float, errors: list[str]
+) -> asyncio.CancelledError | None:
+    """Run one I/O step of closing within ``budget``; a failure goes into ``errors``, a cancellation is returned."""
+    try:
+        await asyncio.wait_for(work, budget)
+    except asyncio.CancelledError as error:
+        errors.append(f"{what}: cancelled")
+        return error
+    except Exception as error:
+        logger.warning(
+            "poolkeeper %r: %s failed", keeper.name, what, exc_info=True, extra={"poolkeeper_keeper": keeper.name}
+        )
+        errors.append(f"{what}: " + _error_text(error, keeper.driver.secrets()))
+    return None
+
+
 async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) -> ResourceReport:
     """Drain, force and close one keeper; never raises (errors go into the report)."""
     driver = keeper.driver
@@ -142,6 +159,9 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     errors: list[str] = []
     forced = 0
     leaks: tuple[object, ...] = ()
+    # Cancelled past its grace (see _settle), a step still closes what it can, quickly, and
+    # reaches CLOSED before the cancellation goes on.
+    cancelled: asyncio.CancelledError | None = None
     if not clean:
         borrows = keeper.start_forcing()
         forced = len(borrows)
@@ -150,27 +170,9 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
             # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
             # gets the minimum an abort needs, like closing the connections below.
             budget = max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
-            try:
-                await asyncio.wait_for(driver.force_close(borrows, budget), budget)
-            except Exception as error:
-                logger.warning(
-                    "poolkeeper %r: force-close failed",
-                    keeper.name,
-                    exc_info=True,
-                    extra={"poolkeeper_keeper": keeper.name},
-                )
-                errors.append("force-close: " + _error_text(error, secrets))
-    budget = max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
-    try:
-        await asyncio.wait_for(driver.close_connections(), budget)
-    except Exception as error:
-        logger.warning(
-            "poolkeeper %r: closing connections failed",
-            keeper.name,
-            exc_info=True,
-            extra={"poolkeeper_keeper": keeper.name},
-        )
-        errors.append("close: " + _error_text(error, secrets))
+            cancelled = await _step(keeper, "force-close", driver.force_close(borrows, budget), budget, errors)
+    budget = _MIN_CLOSE_BUDGET if cancelled else max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
+    cancelled = await _step(keeper, "close", driver.close_connections(), budget, errors) or cancelled
     keeper.mark_closed()
     # Counted, not snapshotted: a checkout that raced the start of closing is drained too.
     borrowed_at_start = keeper.returned_while_draining + forced
@@ -188,6 +190,8 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         leaks=leaks,  # type: ignore[arg-type]  # tuple of Borrower built above
         target=target,
     )
+    if cancelled is not None:
+        raise cancelled
     return keeper.close_report
 
 
@@ -290,6 +294,14 @@ async def _settle(tasks: Sequence[asyncio.Task[ResourceReport]], grace: float) -
     for task in pending:
         task.cancel()
         task.add_done_callback(_consume)
+    # Let the cancelled steps run their own cleanup (a keeper cancelled mid-force still closes
+    # its connections, briefly): on a private loop nothing would run them after this returns.
+    end = time.monotonic() + 2 * _MIN_CLOSE_BUDGET
+    while pending and time.monotonic() < end:
+        try:
+            _, pending = await asyncio.wait(pending, timeout=end - time.monotonic())
+        except asyncio.CancelledError:
+            continue
 
 
 async def run_shutdown(

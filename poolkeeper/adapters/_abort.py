@@ -19,7 +19,12 @@ from typing import Any
 
 from poolkeeper._concurrency import run_blocking
 
-__all__ = ["cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
+__all__ = ["MAX_CANCEL_WAIT", "cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
+
+#: How long a force-close waits for its cancel requests before cutting the sockets anyway. A
+#: server that answers at all answers in milliseconds; one that does not must not hold the
+#: borrower for half the close timeout.
+MAX_CANCEL_WAIT = 0.5
 
 
 def shutdown_socket(fd: int) -> None:

@@ -222,6 +222,16 @@ class AiohttpDriver(Driver):
     async def _abort(self, requests: Sequence[_InFlight]) -> None:
         # A coroutine only to run on the session's loop: nothing here awaits.
         name = self.keeper.name
+        connector = self.session.connector
+        if connector is not None and self.session.connector_owner:
+            # Every connection in use in a connector this session owns belongs to a request being
+            # forced. Abort them first: a request cancelled while still sending its body is closed
+            # by aiohttp with transport.close(), which waits for the write buffer to drain, and to
+            # a peer that stopped reading it never does.
+            for protocol in list(connector._acquired):  # noqa: SLF001 -- no public view of connections in use
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abort()
         for request in requests:
             task = request.task
             if task is not None:

@@ -41,7 +41,7 @@ from poolkeeper._keeper import KeeperState
 from poolkeeper._redact import redact
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import RegistrationError
 
@@ -206,10 +206,11 @@ def _open_connections(holders: Iterable[Any]) -> list[Any]:
 
 async def _cancel_statements(connections: Sequence[Any], timeout: float) -> None:
     """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned."""
-    cancels = [asyncio.ensure_future(cancel_statement(connection, timeout)) for connection in connections]
+    wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
+    cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections]
     if not cancels:
         return
-    await asyncio.wait(cancels, timeout=max(_MIN_CANCEL_WAIT, timeout / 2))
+    await asyncio.wait(cancels, timeout=wait)
     for cancel in cancels:
         if not cancel.done():
             cancel.cancel()
@@ -233,9 +234,15 @@ def _cancel_later(connection: Any) -> CancelRequest:
     )
 
 
-async def _send_all(requests: Sequence[CancelRequest]) -> None:
+async def _send_all(requests: Sequence[CancelRequest], timeout: float) -> None:
     loop = asyncio.get_running_loop()
-    for outcome in await asyncio.gather(*(request(loop=loop) for request in requests), return_exceptions=True):
+    sending = asyncio.gather(*(request(loop=loop) for request in requests), return_exceptions=True)
+    try:
+        outcomes = await asyncio.wait_for(sending, timeout)
+    except asyncio.TimeoutError:
+        logger.debug("poolkeeper: cancel requests got no answer within %.1fs", timeout)
+        return
+    for outcome in outcomes:
         if isinstance(outcome, BaseException):
             logger.debug("poolkeeper: a cancel request failed", exc_info=outcome)
 
@@ -410,19 +417,23 @@ class AsyncpgDriver(Driver):
             return
         # The pool's loop no longer runs: cancel from this loop, cut the sockets from outside.
         connections = _open_connections(holders)
-        await _cancel_statements(connections, timeout)
-        _shutdown_sockets(connections)
+        try:
+            await _cancel_statements(connections, timeout)
+        finally:  # cancelled while the cancel requests wait on a silent server: cut the sockets anyway
+            _shutdown_sockets(connections)
 
     async def _cancel_then_terminate(self, holders: Sequence[Any], timeout: float) -> None:
         connections = _open_connections(holders)
         releases = [connection._pool_release_ctr for connection in connections]  # noqa: SLF001
-        await _cancel_statements(connections, timeout)
-        for connection, released in zip(connections, releases, strict=True):
-            # A borrower whose statement was just cancelled may be giving the connection back
-            # already: terminated under Pool.release(), its release would fail with asyncpg's
-            # InternalClientError. close_connections() waits a moment for those releases.
-            if connection._pool_release_ctr == released:  # noqa: SLF001
-                connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError; frees the holder
+        try:
+            await _cancel_statements(connections, timeout)
+        finally:  # cancelled while the cancel requests wait on a silent server: terminate anyway
+            for connection, released in zip(connections, releases, strict=True):
+                # A borrower whose statement was just cancelled may be giving the connection back
+                # already: terminated under Pool.release(), its release would fail with asyncpg's
+                # InternalClientError. close_connections() waits a moment for those releases.
+                if connection._pool_release_ctr == released:  # noqa: SLF001
+                    connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError
 
     async def close_connections(self) -> None:
         """Close every connection and leave the pool closed in asyncpg too.
@@ -515,7 +526,10 @@ class AsyncpgDriver(Driver):
             # From a thread with a loop of its own: terminate() is often the last thing a
             # program does, and the pool's loop may never run again to send them.
             threading.Thread(
-                target=lambda: asyncio.run(_send_all(requests)), name="poolkeeper-asyncpg-cancel", daemon=True
+                # Bounded by close_timeout: a silent server never keeps the thread and its sockets.
+                target=lambda: asyncio.run(_send_all(requests, keeper.close_timeout)),
+                name="poolkeeper-asyncpg-cancel",
+                daemon=True,
             ).start()
         logger.log(
             logging.WARNING if borrows else logging.INFO,

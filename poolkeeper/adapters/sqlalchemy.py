@@ -25,7 +25,7 @@ from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
-from poolkeeper.adapters._abort import cancel_statement, say_goodbye, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import MAX_CANCEL_WAIT, cancel_statement, say_goodbye, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver
 
 if TYPE_CHECKING:
@@ -310,18 +310,21 @@ class SQLAlchemyDriver(Driver):
             borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
         ]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
-        cancels = [asyncio.ensure_future(cancel_statement(connection, timeout)) for connection in connections]
-        if cancels:
-            await asyncio.wait(cancels, timeout=timeout / 2 or None)
+        wait = min(timeout / 2, MAX_CANCEL_WAIT)
+        cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections]
+        try:
+            if cancels:
+                await asyncio.wait(cancels, timeout=wait or None)
+        finally:  # also when cancelled while the cancel requests wait on a silent server
             for cancel in cancels:
                 if not cancel.done():
                     cancel.cancel()
                 elif not cancel.cancelled():
                     cancel.exception()  # a failed cancel still gets its socket cut below
-        for connection in connections:
-            fd = socket_fd(connection)
-            if fd is not None:
-                shutdown_socket(fd)
+            for connection in connections:
+                fd = socket_fd(connection)
+                if fd is not None:
+                    shutdown_socket(fd)
 
     def _take_idle(self, pool: Pool) -> list[Any]:
         queue = getattr(pool, "_pool", None)
