@@ -17,6 +17,7 @@ from aiohttp import web
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from poolkeeper._redact import redact
+from tests.waiting import auntil
 
 pytestmark = pytest.mark.asyncio
 
@@ -135,13 +136,6 @@ async def make_session() -> AsyncIterator[Callable[..., aiohttp.ClientSession]]:
         await session.close()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
-
-
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:
     async with session.get(url) as response:
         return await response.read()
@@ -190,7 +184,7 @@ async def test_new_requests_are_refused_at_once_while_draining(http_server, make
     in_flight = asyncio.ensure_future(read_all(session, f"{http_server.url}/slow"))
     await http_server.wait_arrived(1)
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["http"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["http"].state is KeeperState.DRAINING)
 
     started = time.monotonic()
     with pytest.raises(PoolClosedError, match="'http' is draining"):
@@ -280,7 +274,7 @@ async def test_a_redirect_followed_during_the_drain_completes(http_server, make_
     redirected = asyncio.ensure_future(read_all(session, f"{http_server.url}/hop"))
     await http_server.wait_arrived(1)
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["http"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["http"].state is KeeperState.DRAINING)
 
     http_server.finish.set()
     assert await redirected == b"fast"
@@ -310,7 +304,7 @@ async def test_deadline_force_closes_and_the_caller_errors_promptly(http_server,
     assert (item.outcome, item.forced) == ("forced", 1)
     assert item.leaks[0].stack
     assert item.leaks[0].stack[-1].function == "failure_time"
-    await until(lambda: http_server.open_connections == 0)
+    await auntil(lambda: http_server.open_connections == 0)
 
 
 async def test_requests_queued_for_a_connection_complete_during_the_drain(http_server, make_session):
@@ -321,9 +315,9 @@ async def test_requests_queued_for_a_connection_complete_during_the_drain(http_s
     first = asyncio.ensure_future(read_all(session, f"{http_server.url}/slow"))
     await http_server.wait_arrived(1)
     queued = asyncio.ensure_future(read_all(session, f"{http_server.url}/fast"))
-    await until(lambda: registry["http"].borrowed == 2)
+    await auntil(lambda: registry["http"].borrowed == 2)
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["http"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["http"].state is KeeperState.DRAINING)
 
     http_server.finish.set()
     assert list(await asyncio.gather(first, queued)) == [b"slow", b"fast"]
@@ -339,7 +333,7 @@ async def test_request_queued_for_a_connection_errors_promptly_at_the_deadline(h
     holder = asyncio.ensure_future(failure_time(session, f"{http_server.url}/slow"))
     await http_server.wait_arrived(1)
     queued = asyncio.ensure_future(failure_time(session, f"{http_server.url}/fast"))
-    await until(lambda: registry["http"].borrowed == 2)
+    await auntil(lambda: registry["http"].borrowed == 2)
 
     started = time.monotonic()
     report = await registry.aclose()
@@ -479,7 +473,7 @@ async def test_dropped_unread_response_is_force_closed_at_the_deadline(http_serv
     report = await registry.aclose()
     assert time.monotonic() - started < 1.5
     assert (report["http"].outcome, report["http"].forced) == ("forced", 1)
-    await until(lambda: http_server.open_connections == 0)
+    await auntil(lambda: http_server.open_connections == 0)
 
 
 async def test_response_released_by_the_garbage_collector_is_a_leak(http_server, make_session):
@@ -496,7 +490,7 @@ async def test_response_released_by_the_garbage_collector_is_a_leak(http_server,
         gc.collect()
         return keeper.borrowed == 0
 
-    await until(returned)
+    await auntil(returned)
     leaks = keeper.gc_leaks()
     assert [leak.returned_by_gc for leak in leaks] == [True]
     assert leaks[0].stack
@@ -553,7 +547,7 @@ async def test_sync_close_from_another_thread_closes_on_the_sessions_loop(http_s
     in_flight = asyncio.ensure_future(read_all(session, f"{http_server.url}/slow"))
     await http_server.wait_arrived(1)
     closing = asyncio.ensure_future(asyncio.to_thread(registry.close))
-    await until(lambda: registry["http"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["http"].state is KeeperState.DRAINING)
 
     http_server.finish.set()
     assert await in_flight == b"slow"

@@ -17,6 +17,7 @@ import pytest_asyncio
 
 from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
 from tests.conftest import Server
+from tests.waiting import auntil
 
 pytestmark = pytest.mark.asyncio
 
@@ -44,13 +45,6 @@ def target_of(url: str) -> str:
     """What describe() shows for ``url``: host:port/database."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
 
 
 async def hold(pool: asyncpg.Pool, acquired: asyncio.Event, release: asyncio.Event) -> None:
@@ -117,7 +111,7 @@ async def test_acquire_is_refused_while_draining(make_pool):
     holder = asyncio.ensure_future(hold(pool, acquired, release))
     await acquired.wait()
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["pg"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["pg"].state is KeeperState.DRAINING)
 
     with pytest.raises(PoolClosedError, match="'pg' is draining"):
         async with pool.acquire():
@@ -152,7 +146,7 @@ async def test_tasks_waiting_for_a_connection_are_woken_at_once(make_pool):
         raise AssertionError("the waiter got a connection")
 
     waiters = [asyncio.ensure_future(wait_for_connection()), asyncio.ensure_future(wait_for_connection(timeout=30))]
-    await until(lambda: len(pool._queue._getters) == 2)
+    await auntil(lambda: len(pool._queue._getters) == 2)
     started = time.monotonic()
     closing = asyncio.ensure_future(registry.aclose())
     woken_at = await asyncio.wait_for(asyncio.gather(*waiters), 5)
@@ -193,7 +187,7 @@ async def test_force_close_cancels_the_query_on_the_server(make_pool, server: Se
     registry = Registry(drain_timeout=0.3, close_timeout=5, track_borrowers=True)
     registry.wrap(pool, name="pg")
     borrower = asyncio.ensure_future(run_until_interrupted(pool))
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     started = time.monotonic()
     report = await registry.aclose()
     failed_at, error = await asyncio.wait_for(borrower, 5)
@@ -211,7 +205,7 @@ async def test_raw_asyncpg_close_with_timeout_leaves_the_query_running(make_pool
     """The comparison point: raw wait_for(pool.close()) + terminate() leaves the server running the query."""
     pool = await make_pool()
     borrower = asyncio.ensure_future(run_until_interrupted(pool))
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(pool.close(), 0.3)  # asyncpg terminates the pool on the timeout
     await asyncio.wait_for(borrower, 5)
@@ -262,7 +256,7 @@ async def test_pool_close_runs_the_keepers_close_and_the_registry_reports_it(mak
     holder = asyncio.ensure_future(hold(pool, acquired, release))
     await acquired.wait()
     closing = asyncio.ensure_future(pool.close())
-    await until(lambda: registry["pg"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["pg"].state is KeeperState.DRAINING)
     with pytest.raises(PoolClosedError, match="'pg' is draining"):
         await pool.acquire()
 
@@ -282,7 +276,7 @@ async def test_pool_close_forces_at_the_drain_timeout_instead_of_hanging(make_po
     registry = Registry(drain_timeout=0.3)
     registry.wrap(pool, name="pg")
     borrower = asyncio.ensure_future(run_until_interrupted(pool))
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="poolkeeper"):
         await asyncio.wait_for(pool.close(), 5)
@@ -299,7 +293,7 @@ async def test_pool_close_cut_short_by_wait_for_still_cancels_the_query(make_poo
     registry = Registry(drain_timeout=30)
     registry.wrap(pool, name="pg")
     borrower = asyncio.ensure_future(run_until_interrupted(pool))
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(pool.close(), 0.3)
     await asyncio.wait_for(borrower, 5)
@@ -315,7 +309,7 @@ async def test_pool_terminate_force_closes_at_once(make_pool, server: Server):
     registry = Registry(drain_timeout=30)
     registry.wrap(pool, name="pg")
     borrower = asyncio.ensure_future(run_until_interrupted(pool))
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     started = time.monotonic()
     pool.terminate()
     assert registry["pg"].state is KeeperState.CLOSED
@@ -339,7 +333,7 @@ async def test_pool_close_during_the_registrys_shutdown_closes_once(make_pool, s
     holder = asyncio.ensure_future(hold(pool, acquired, release))
     await acquired.wait()
     shutdown = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["pg"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["pg"].state is KeeperState.DRAINING)
     own_close = asyncio.ensure_future(pool.__aexit__(None, None, None))
     await asyncio.sleep(0.05)
     assert not own_close.done()
@@ -465,7 +459,7 @@ async def test_sync_close_from_another_thread_closes_on_the_pools_loop(make_pool
     holder = asyncio.ensure_future(hold(pool, acquired, release))
     await acquired.wait()
     waiter = asyncio.ensure_future(pool.acquire())
-    await until(lambda: len(pool._queue._getters) == 1)
+    await auntil(lambda: len(pool._queue._getters) == 1)
 
     closing = asyncio.ensure_future(asyncio.to_thread(registry.close))
     with pytest.raises(PoolClosedError):
@@ -493,7 +487,7 @@ async def test_a_pool_whose_loop_is_not_running_is_still_force_closed_on_the_ser
         return query
 
     query = await asyncio.to_thread(loop.run_until_complete, start_query())
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
 
     report = await asyncio.wait_for(registry.aclose(), 5)  # on this test's loop, not the pool's
     assert (report["pg"].outcome, report["pg"].forced) == ("forced", 1)

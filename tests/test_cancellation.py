@@ -7,7 +7,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -16,13 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.conftest import sqlalchemy_url
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
+from tests.waiting import auntil
 
 
 @pytest_asyncio.fixture
@@ -84,7 +78,7 @@ async def test_cancelling_aclose_force_closes_everything_before_the_cancellation
     assert await asyncio.to_thread(server.settle, lambda: bool(server.running("pg_sleep")))
     closing = asyncio.ensure_future(registry.aclose())
     other_caller = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["db"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["db"].state is KeeperState.DRAINING)
     started = time.monotonic()
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -169,7 +163,7 @@ async def test_force_close_from_the_closing_loop_returns_at_once_and_forces(make
     engine = registry.wrap(make_engine(), name="db")
     thread, _ = borrow_in_thread(engine)
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["db"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["db"].state is KeeperState.DRAINING)
     started = time.monotonic()
     assert registry.force_close() is None
     report = await closing
@@ -199,7 +193,7 @@ async def test_close_from_the_closing_loop_raises_instead_of_deadlocking(make_en
     release = threading.Event()
     registry.on_shutdown(lambda: release.wait(5), name="slow")
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry.draining)
+    await auntil(lambda: registry.draining)
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="aclose"):
         registry.close()

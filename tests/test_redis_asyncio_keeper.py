@@ -17,6 +17,7 @@ from redis.backoff import ExponentialBackoff
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.test_redis_keeper import RedisServer, client_name, key, redis_server
+from tests.waiting import auntil
 
 __all__ = ["client_name", "key", "redis_server"]  # fixtures shared with the sync tests
 
@@ -47,13 +48,6 @@ async def make_client(redis_url: str, client_name: str) -> AsyncIterator[Callabl
     for client in clients:
         with contextlib.suppress(Exception):
             await client.aclose()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
 
 
 async def use(client: redis.asyncio.Redis, how: str, key: str) -> None:
@@ -139,7 +133,7 @@ async def test_new_borrows_are_refused_while_draining(make_client, redis_server:
     holder = client.pubsub()
     await holder.subscribe(key)  # one borrowed connection keeps the keeper draining
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["cache"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["cache"].state is KeeperState.DRAINING)
 
     started = time.monotonic()
     with pytest.raises(PoolClosedError, match="'cache' is draining"):
@@ -160,7 +154,7 @@ async def test_a_task_waiting_in_a_blocking_pool_is_woken_at_once(make_client, k
     await holder.subscribe(key)
     waiter = asyncio.ensure_future(failure_time(client.ping()))
     condition = client.connection_pool._condition
-    await until(lambda: len(condition._waiters) == 1)
+    await auntil(lambda: len(condition._waiters) == 1)
 
     started = time.monotonic()
     closing = asyncio.ensure_future(registry.aclose())

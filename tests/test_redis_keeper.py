@@ -20,14 +20,7 @@ from redis.retry import Retry
 
 from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
 from poolkeeper.adapters.redis import RedisDriver
-
-
-def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Block until in-process ``predicate`` holds (e.g. "a thread is parked in the pool queue")."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        time.sleep(0.002)
+from tests.waiting import until
 
 
 class RedisServer:

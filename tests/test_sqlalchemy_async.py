@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.conftest import Server, sqlalchemy_url
+from tests.waiting import auntil
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,13 +42,6 @@ async def make_async_engine(request, pg_url: str, application_name: str) -> Asyn
             await engine.dispose()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
-
-
 async def hold_connection(engine: AsyncEngine, checked_out: asyncio.Event, release: asyncio.Event) -> None:
     async with engine.connect() as connection:
         await connection.execute(sa.text("select 1"))
@@ -64,7 +58,7 @@ async def test_async_engine_is_returned_and_refuses_while_draining(make_async_en
     holder = asyncio.ensure_future(hold_connection(engine, checked_out, release))
     await checked_out.wait()
     closing = asyncio.ensure_future(registry.aclose())
-    await until(lambda: registry["db"].state is KeeperState.DRAINING)
+    await auntil(lambda: registry["db"].state is KeeperState.DRAINING)
 
     with pytest.raises(PoolClosedError, match="'db' is draining"):
         async with engine.connect():
@@ -94,7 +88,7 @@ async def test_async_waiter_is_woken_at_once(make_async_engine):
         raise AssertionError("the waiter got a connection")
 
     waiter = asyncio.ensure_future(wait_for_connection())
-    await until(lambda: len(engine.sync_engine.pool._pool._pk_waiters) == 1)
+    await auntil(lambda: len(engine.sync_engine.pool._pool._pk_waiters) == 1)
     started = time.monotonic()
     closing = asyncio.ensure_future(registry.aclose())
     woken_at = await asyncio.wait_for(waiter, 5)
@@ -141,7 +135,7 @@ async def test_async_force_close_cancels_on_the_server(make_async_engine, server
         raise AssertionError("the query was not interrupted")
 
     task = asyncio.ensure_future(sleeper())
-    await until(lambda: len(server.running("pg_sleep")) == 1)
+    await auntil(lambda: len(server.running("pg_sleep")) == 1)
     started = time.monotonic()
     report = await registry.aclose()
     failed_at = await asyncio.wait_for(task, 5)

@@ -6,7 +6,6 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,14 +14,7 @@ import sqlalchemy as sa
 import poolkeeper
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.conftest import Server
-
-
-def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Block until in-process ``predicate`` holds (e.g. "a thread is parked in the pool queue")."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        time.sleep(0.002)
+from tests.waiting import until
 
 
 class Borrower(threading.Thread):

@@ -9,31 +9,15 @@ What "nothing is left open" means here, checked from outside the code under test
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.faults.proxy import BlackholeProxy
+from tests.waiting import auntil, until
 
 __all__ = ["BlackholeProxy", "ThreadWatch", "auntil", "local_ports_to", "sockets_to", "until"]
-
-
-def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Block until in-process ``predicate`` holds (there is no event for it), failing after ``timeout``."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        time.sleep(0.002)
-
-
-async def auntil(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """:func:`until` for async tests: the event loop keeps running between checks."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition never held"
-        await asyncio.sleep(0.002)
 
 
 def _socket_inodes() -> set[str]:
