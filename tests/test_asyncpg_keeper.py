@@ -500,3 +500,26 @@ async def test_a_pool_whose_loop_is_not_running_is_still_force_closed_on_the_ser
     error = await asyncio.to_thread(loop.run_until_complete, finish())  # the pool's loop runs again
     loop.close()
     assert isinstance(error, (asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError))
+
+
+async def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_pool, server: Server):
+    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
+    pool = await make_pool(min_size=1, max_size=12)
+    registry = Registry(drain_timeout=0.2)
+    registry.wrap(pool, name="pg")
+
+    async def sleeper() -> None:
+        async with pool.acquire() as connection:
+            await connection.execute("select pg_sleep(60)")
+
+    borrowers = [asyncio.ensure_future(sleeper()) for _ in range(12)]
+    await auntil(lambda: len(server.running("pg_sleep")) == 12)
+    started = time.monotonic()
+    report = await registry.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
+
+    assert time.monotonic() - started < 1.5
+    assert all(isinstance(result, Exception) for result in results)
+    assert report["pg"].forced == 12
+    assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
+    assert server.settle(lambda: server.backends() == []), server.backends()
