@@ -357,3 +357,26 @@ def test_default_registry_and_module_level_wrap(make_engine, monkeypatch):
     assert poolkeeper.get_registry() is fresh
     assert fresh["db"].resource is engine
     fresh.close()
+
+
+def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_engine, server: Server):
+    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
+    engine = make_engine(pool_size=12, max_overflow=0)
+    registry = Registry(drain_timeout=0.2)
+    registry.wrap(engine, name="db")
+    borrowers = [Borrower(engine, "select pg_sleep(60)") for _ in range(12)]
+    for borrower in borrowers:
+        borrower.start()
+        assert borrower.checked_out.wait(5)
+    assert server.settle(lambda: len(server.running("pg_sleep")) == 12)
+
+    started = time.monotonic()
+    report = registry.close()
+    for borrower in borrowers:
+        borrower.join(5)
+
+    assert time.monotonic() - started < 2.0
+    assert all(borrower.error is not None for borrower in borrowers)
+    assert report["db"].forced == 12
+    assert server.running("pg_sleep") == []
+    assert server.settle(lambda: server.backends() == []), server.backends()

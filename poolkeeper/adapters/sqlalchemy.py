@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLAlchemyDriver", "make_driver"]
 
+# From this many borrowed connections on, one pg_cancel_backend query beats a cancel request each.
+_BATCH_CANCEL_FROM = 8
+
 
 class _RefusingQueue(sqla_queue.Queue[Any]):
     """QueuePool's queue once the keeper stops lending: every ``get`` fails with the refusal.
@@ -311,7 +314,16 @@ class SQLAlchemyDriver(Driver):
         ]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
-        cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections]
+        if len(connections) >= _BATCH_CANCEL_FROM and not self.is_async and wait > 0:
+            batched = run_blocking(lambda: self._cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
+            await asyncio.wait((batched,), timeout=wait)
+            if batched.done() and not batched.cancelled() and batched.result():
+                connections_to_cancel: list[Any] = []
+            else:
+                connections_to_cancel = connections
+        else:
+            connections_to_cancel = connections
+        cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections_to_cancel]
         try:
             if cancels:
                 await asyncio.wait(cancels, timeout=wait or None)
@@ -355,6 +367,32 @@ class SQLAlchemyDriver(Driver):
         """A forced borrower gave its connection back after the sweep: close it too."""
         for pool in list(self.pools):
             self.close_idle_now(pool)
+
+    def _cancel_in_one_query(self, connections: Sequence[Any], wait: float) -> bool:
+        """Cancel every psycopg connection's statement with one ``pg_cancel_backend`` query.
+
+        A cancel request is a server connection of its own (a postmaster fork each); one query on
+        a side connection, made the engine's own way, cancels them all. False (and the caller
+        sends cancel requests) for other drivers or on any failure: no free slot, a role not
+        allowed to signal.
+        """
+        if any(type(connection).__module__.split(".")[0] != "psycopg" for connection in connections):
+            return False
+        pids = [connection.info.backend_pid for connection in connections]
+        try:
+            side = self.engine.pool._invoke_creator(None)  # type: ignore[arg-type]  # noqa: SLF001 -- the engine's connect, no record
+        except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
+            return False
+        try:
+            cursor = side.cursor()
+            cursor.execute(f"set statement_timeout = {max(1, int(wait * 1000))}")
+            cursor.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (pids,))
+        except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
+            return False
+        else:
+            return True
+        finally:
+            side.close()
 
     def close_idle_now(self, pool: Pool) -> None:
         """Close the idle connections of ``pool`` in this thread (or greenlet)."""
