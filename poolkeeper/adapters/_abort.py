@@ -19,12 +19,16 @@ from typing import Any
 
 from poolkeeper._concurrency import run_blocking
 
-__all__ = ["MAX_CANCEL_WAIT", "cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
+__all__ = ["BATCH_CANCEL_FROM", "MAX_CANCEL_WAIT", "cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
 
 #: How long a force-close waits for its cancel requests before cutting the sockets anyway. A
 #: server that answers at all answers in milliseconds; one that does not must not hold the
 #: borrower for half the close timeout.
 MAX_CANCEL_WAIT = 0.5
+
+#: From this many statements to cancel on, one ``pg_cancel_backend`` query on a side connection
+#: beats a cancel request each (every cancel request is a server connection, a postmaster fork).
+BATCH_CANCEL_FROM = 8
 
 
 def shutdown_socket(fd: int) -> None:

@@ -41,7 +41,7 @@ from poolkeeper._keeper import KeeperState
 from poolkeeper._redact import redact
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import RegistrationError
 
@@ -62,8 +62,6 @@ logger = logging.getLogger("poolkeeper.asyncpg")
 # A cancel request is one short-lived connection to the server: milliseconds on a healthy
 # network. Even with no time left, it gets this long before the connection is cut anyway.
 _MIN_CANCEL_WAIT = 0.05
-# From this many borrowed connections on, one pg_cancel_backend query beats a cancel request each.
-_BATCH_CANCEL_FROM = 8
 # Pool.release() resets a connection (one round trip) before it is free. When closing, a
 # connection still being released gets this long before it is terminated anyway.
 _RELEASE_GRACE = 0.25
@@ -233,7 +231,7 @@ async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: A
     wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
     if (
         pool is not None
-        and len(connections) >= _BATCH_CANCEL_FROM
+        and len(connections) >= BATCH_CANCEL_FROM
         and await _cancel_in_one_query(pool, connections, wait)
     ):
         return

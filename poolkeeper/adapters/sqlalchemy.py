@@ -25,7 +25,14 @@ from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
-from poolkeeper.adapters._abort import MAX_CANCEL_WAIT, cancel_statement, say_goodbye, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import (
+    BATCH_CANCEL_FROM,
+    MAX_CANCEL_WAIT,
+    cancel_statement,
+    say_goodbye,
+    shutdown_socket,
+    socket_fd,
+)
 from poolkeeper.adapters._base import Driver
 
 if TYPE_CHECKING:
@@ -37,9 +44,6 @@ if TYPE_CHECKING:
     from poolkeeper._keeper import Keeper
 
 __all__ = ["SQLAlchemyDriver", "make_driver"]
-
-# From this many borrowed connections on, one pg_cancel_backend query beats a cancel request each.
-_BATCH_CANCEL_FROM = 8
 
 
 class _RefusingQueue(sqla_queue.Queue[Any]):
@@ -314,7 +318,7 @@ class SQLAlchemyDriver(Driver):
         ]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
-        if len(connections) >= _BATCH_CANCEL_FROM and not self.is_async and wait > 0:
+        if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
             batched = run_blocking(lambda: self._cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
             await asyncio.wait((batched,), timeout=wait)
             if batched.done() and not batched.cancelled() and batched.result():
