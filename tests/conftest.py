@@ -6,12 +6,16 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from poolkeeper import PoolClosedError
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Database 9: the suite never touches database 0, and never flushes anything it did not create.
@@ -125,3 +129,14 @@ def make_engine(pg_url: str, application_name: str) -> Iterator[Callable[..., sa
     for engine in engines:
         with contextlib.suppress(Exception):
             engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def async_engine(pg_url: str, application_name: str) -> AsyncIterator[AsyncEngine]:
+    """An AsyncEngine (asyncpg driver) on the test server tagged with this test's application name."""
+    engine = create_async_engine(
+        sqlalchemy_url(pg_url, "asyncpg"), connect_args={"server_settings": {"application_name": application_name}}
+    )
+    yield engine
+    with contextlib.suppress(PoolClosedError):
+        await engine.dispose()

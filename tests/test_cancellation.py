@@ -7,26 +7,14 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.conftest import sqlalchemy_url
+from poolkeeper import KeeperState, Registry
 from tests.waiting import auntil
-
-
-@pytest_asyncio.fixture
-async def async_engine(pg_url: str, application_name: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(
-        sqlalchemy_url(pg_url, "asyncpg"), connect_args={"server_settings": {"application_name": application_name}}
-    )
-    yield engine
-    with contextlib.suppress(PoolClosedError):
-        await engine.dispose()
 
 
 @pytest.fixture

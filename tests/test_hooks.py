@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import io
@@ -11,16 +10,13 @@ import logging
 import logging.handlers
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import poolkeeper
-from poolkeeper import BackgroundTasks, KeeperState, PoolClosedError, Registry, flush_logging, stop_tasks
-from tests.conftest import sqlalchemy_url
+from poolkeeper import BackgroundTasks, KeeperState, Registry, flush_logging, stop_tasks
 
 
 class FailingHandler(logging.Handler):
@@ -48,16 +44,6 @@ def buffered_loggers() -> Iterator[tuple[io.StringIO, logging.Logger]]:
     logging.getLogger().removeHandler(root_buffer)
     named.removeHandler(named_buffer)
     named.propagate = True
-
-
-@pytest_asyncio.fixture
-async def async_engine(pg_url: str, application_name: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(
-        sqlalchemy_url(pg_url, "asyncpg"), connect_args={"server_settings": {"application_name": application_name}}
-    )
-    yield engine
-    with contextlib.suppress(PoolClosedError):
-        await engine.dispose()
 
 
 def test_flush_logging_flushes_every_handler_of_every_logger_root_included(buffered_loggers):
