@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from poolkeeper._grammar import with_article
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import UnsupportedResourceError
 
@@ -40,6 +41,6 @@ def driver_for(resource: Any) -> Driver:
             module = importlib.import_module(entry[0])
             return module.make_driver(resource)  # type: ignore[no-any-return]  # each adapter returns a Driver
     raise UnsupportedResourceError(
-        f"poolkeeper cannot wrap a {type(resource).__module__}.{type(resource).__qualname__}; "
+        f"poolkeeper cannot wrap {with_article(f'{type(resource).__module__}.{type(resource).__qualname__}')}; "
         f"it can wrap: {', '.join(SUPPORTED)}"
     )

@@ -37,6 +37,7 @@ from redis.client import Redis
 from redis.connection import BlockingConnectionPool, ConnectionPool, SSLConnection
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
+from poolkeeper._grammar import with_article
 from poolkeeper.adapters._abort import shutdown_socket
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import PoolClosedError, RegistrationError
@@ -451,6 +452,7 @@ def make_driver(resource: Any) -> RedisDriver:
     if not isinstance(pool, (ConnectionPool, AsyncConnectionPool)):
         kind = "redis.Redis" if isinstance(resource, Redis) else "redis.asyncio.Redis"
         raise TypeError(
-            f"expected a {kind} with a redis-py connection pool, got a pool of type {type(pool).__qualname__}"
+            f"expected {with_article(kind)} with a redis-py connection pool, "
+            f"got a pool of type {type(pool).__qualname__}"
         )
     return RedisDriver(resource, pool)

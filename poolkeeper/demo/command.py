@@ -33,7 +33,7 @@ def run_demo(*, clients: int = 8, shutdown_delay: float = 1.0, grace_period: flo
         import uvicorn  # noqa: F401, PLC0415
     except ImportError as error:
         print(f"poolkeeper demo needs the example service's libraries ({error.name} is missing):")
-        print('  pip install "poolkeeper[fastapi,sqlalchemy]"')
+        print('  pip install ".[fastapi,sqlalchemy]"   (at the top of a poolkeeper clone)')
         return 2
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="poolkeeper-demo-") as directory:
