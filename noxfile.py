@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs", "compat(floor)", "compat(latest)"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -14,6 +14,93 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[all,dev]")
     # The servers must answer: a missing one fails the run instead of skipping its tests.
     session.run("pytest", "--poolkeeper-require-services", *session.posargs)
+
+
+# The version matrix (docs/compatibility.md). Each set pins every library an adapter or the
+# FastAPI integration builds on; "floor" is exactly the lower bounds of pyproject.toml's extras,
+# "previous" the newest release of each library's previous minor line, and "latest" upgrades
+# every one of them to its newest release, unpinned, so that it tracks new releases.
+COMPAT_LIBRARIES = (
+    "sqlalchemy",
+    "greenlet",
+    "asyncpg",
+    "redis",
+    "aiohttp",
+    "psycopg",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+)
+COMPAT_SETS: dict[str, tuple[str, ...]] = {
+    "floor": (
+        "sqlalchemy==2.0.30",
+        "greenlet==3.0.0",
+        "asyncpg==0.29.0",
+        "redis==5.0.8",
+        "aiohttp==3.9.5",
+        "psycopg[binary]==3.1.20",
+        "fastapi==0.110.0",
+        "starlette==0.36.3",
+        "uvicorn==0.29.0",
+        "httpx==0.27.2",  # Starlette 0.36's TestClient passes app= to httpx.Client, gone in httpx 0.28
+    ),
+    "previous": (
+        "sqlalchemy==2.0.58",
+        "greenlet==3.4.0",
+        "asyncpg==0.30.0",
+        "redis==6.4.0",
+        "aiohttp==3.12.15",
+        "psycopg[binary]==3.2.13",
+        "fastapi==0.164.0",
+        "starlette==0.52.1",
+        "uvicorn==0.53.0",
+    ),
+    "latest": (),
+}
+# The tests that depend on those libraries' versions: adapters, orchestration, FastAPI and the
+# pytest plugin. Left out: what no library version changes (bad input, imports, docs, the
+# README, properties, signals, exit codes, metrics exporters, Kubernetes) and the slow
+# process-level suites (end_to_end, faults_*), which the "tests" session runs.
+COMPAT_TESTS = (
+    "tests/test_sqlalchemy_sync.py",
+    "tests/test_sqlalchemy_async.py",
+    "tests/test_asyncpg_keeper.py",
+    "tests/test_redis_keeper.py",
+    "tests/test_redis_asyncio_keeper.py",
+    "tests/test_aiohttp_keeper.py",
+    "tests/test_compat.py",
+    "tests/test_registration.py",
+    "tests/test_shutdown_order.py",
+    "tests/test_cancellation.py",
+    "tests/test_report.py",
+    "tests/test_secrets.py",
+    "tests/test_run.py",
+    "tests/test_hooks.py",
+    "tests/test_fastapi.py",
+    "tests/test_pytest_plugin.py",
+)
+
+_PRINT_VERSIONS = """
+import importlib.metadata
+for name in {names!r}:
+    try:
+        print(name, importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        print(name, "(not installed)")
+"""
+
+
+@nox.session
+@nox.parametrize("libraries", list(COMPAT_SETS.values()), ids=list(COMPAT_SETS))
+def compat(session: nox.Session, libraries: tuple[str, ...]) -> None:
+    """The version-dependent tests against one set of library versions (``nox -s "compat(floor)"``)."""
+    session.install("-e", ".[all,dev]")
+    if libraries:  # installed after poolkeeper's own requirements, so that the pins win
+        session.install(*libraries)
+    else:
+        session.install("--upgrade", "--upgrade-strategy", "eager", *COMPAT_LIBRARIES, "httpx2")
+    session.run("python", "-c", _PRINT_VERSIONS.format(names=(*COMPAT_LIBRARIES, "httpx", "httpx2")))
+    session.run("pytest", "--poolkeeper-require-services", *(session.posargs or COMPAT_TESTS))
 
 
 @nox.session

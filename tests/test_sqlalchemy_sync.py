@@ -197,7 +197,7 @@ def test_force_close_cancels_the_query_on_the_server(make_engine, server: Server
     assert not report.ok
     assert item.leaks[0].site is not None
     assert item.leaks[0].site.startswith(__file__)
-    assert server.running("pg_sleep") == []
+    assert server.settle(lambda: server.running("pg_sleep") == []), "the cancel (a signal) never ended the query"
     assert server.settle(lambda: server.backends() == []), server.backends()
 
 
@@ -378,5 +378,5 @@ def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_eng
     assert time.monotonic() - started < 2.0
     assert all(borrower.error is not None for borrower in borrowers)
     assert report["db"].forced == 12
-    assert server.running("pg_sleep") == []
+    assert server.settle(lambda: server.running("pg_sleep") == []), "the cancel (a signal) never ended the query"
     assert server.settle(lambda: server.backends() == []), server.backends()

@@ -7,6 +7,12 @@ the borrower blocked in a read at once, sends no bytes the peer must acknowledge
 frees the descriptor under the borrower's feet.
 
 Each driver is recognised by its module name, so this module imports no driver itself.
+
+Version seams (the rest of the module reads :func:`_psycopg_cancel`):
+
+* psycopg ``Connection.cancel_safe(timeout=)`` / ``AsyncConnection.cancel_safe`` (a coroutine):
+  psycopg 3.2 and later, preferred; psycopg 3.1 has only the blocking ``cancel()`` (libpq's
+  ``PQcancel``, no timeout), on both connection classes, run in a thread.
 """
 
 from __future__ import annotations
@@ -77,10 +83,7 @@ async def cancel_statement(connection: Any, timeout: float) -> bool:
     """
     module = _module(connection)
     if module == "psycopg":
-        if asyncio.iscoroutinefunction(connection.cancel_safe):  # psycopg.AsyncConnection
-            await connection.cancel_safe(timeout=timeout)
-        else:
-            await run_blocking(lambda: connection.cancel_safe(timeout=timeout), name="poolkeeper-pg-cancel")
+        await _psycopg_cancel(connection, timeout)
         return True
     if module == "psycopg2":
         await run_blocking(connection.cancel, name="poolkeeper-pg-cancel")
@@ -101,6 +104,16 @@ async def cancel_statement(connection: Any, timeout: float) -> bool:
         connection.interrupt()  # sqlite3 documents interrupt() as safe from another thread
         return True
     return False
+
+
+async def _psycopg_cancel(connection: Any, timeout: float) -> None:
+    cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg >= 3.2
+    if cancel_safe is None:  # psycopg 3.1: blocking on both connection classes; the caller bounds the wait
+        await run_blocking(connection.cancel, name="poolkeeper-pg-cancel")
+    elif asyncio.iscoroutinefunction(cancel_safe):  # psycopg.AsyncConnection
+        await cancel_safe(timeout=timeout)
+    else:
+        await run_blocking(lambda: cancel_safe(timeout=timeout), name="poolkeeper-pg-cancel")
 
 
 def say_goodbye(connection: Any) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool, Pool, QueuePool
-from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
@@ -34,9 +34,10 @@ from poolkeeper.adapters._abort import (
     socket_fd,
 )
 from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -84,6 +85,7 @@ class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
 
     _pk_keeper: Keeper
     _pk_waiters: set[asyncio.Future[None]]
+    _pk_await: Callable[[Awaitable[Any]], Any]  # the library's wait inside its greenlet (_sqlalchemy_compat)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Take an idle record, waiting if allowed; refused once the keeper stops lending."""
@@ -96,7 +98,7 @@ class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
             return self._queue.get_nowait()
         except asyncio.QueueEmpty:
             pass
-        return await_(self._wait_for_item(timeout))
+        return self._pk_await(self._wait_for_item(timeout))
 
     async def _wait_for_item(self, timeout: float | None) -> Any:
         refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -290,6 +292,7 @@ class SQLAlchemyDriver(Driver):
         if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
             # Async waiters must be registered as they start waiting, so this class is in
             # place from the start; the sync queue is swapped only at refusal time.
+            queue._pk_await = queue_await(type(queue))  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _GuardedAsyncQueue
             queue.__class__ = _GuardedAsyncQueue
             queue._pk_waiters = set()  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _GuardedAsyncQueue
             queue._pk_keeper = self.keeper  # type: ignore[attr-defined]  # noqa: SLF001
@@ -428,4 +431,5 @@ def make_driver(resource: Any) -> SQLAlchemyDriver:
     engine = getattr(resource, "sync_engine", resource)
     if not isinstance(engine, Engine):
         raise TypeError(f"expected a SQLAlchemy Engine or AsyncEngine, got {type(resource).__qualname__}")
+    check_supported(engine)
     return SQLAlchemyDriver(resource, engine)
