@@ -35,6 +35,7 @@ import secrets
 import socket
 import threading
 import time
+import traceback
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -369,6 +370,20 @@ def _before_close(request: pytest.FixtureRequest, registry: Registry) -> bool:
     return True
 
 
+def _close_failed(error: Exception) -> NoReturn:
+    """Fail (error) the test whose registry could not be closed, with the error and where it arose.
+
+    Only this test: the next ones run. The traceback is plain text, so that reporting it never
+    depends on rendering the sources of the frames it passed through.
+    """
+    where = "".join(traceback.format_exception(error)).rstrip()
+    pytest.fail(
+        f"poolkeeper_registry could not be closed at teardown: {redact(f'{type(error).__name__}: {error}')}\n"
+        f"{redact(where)}",
+        pytrace=False,
+    )
+
+
 def _after_close(report: ShutdownReport) -> None:
     failed = [item for item in report.items if item.outcome == "failed"]
     if failed:
@@ -415,7 +430,11 @@ def poolkeeper_registry(request: pytest.FixtureRequest) -> Iterator[Registry]:
     registry = _new_registry()
     yield registry
     if _before_close(request, registry):
-        _after_close(registry.close(deadline=_TEARDOWN_DEADLINE))
+        try:
+            report = registry.close(deadline=_TEARDOWN_DEADLINE)
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this test, not the session
+            _close_failed(error)
+        _after_close(report)
 
 
 def _registry_fixture_function() -> Callable[[pytest.FixtureRequest], AsyncIterator[Registry]]:
@@ -424,7 +443,11 @@ def _registry_fixture_function() -> Callable[[pytest.FixtureRequest], AsyncItera
         registry = _new_registry()
         yield registry
         if _before_close(request, registry):
-            _after_close(await registry.aclose(deadline=_TEARDOWN_DEADLINE))
+            try:
+                report = await registry.aclose(deadline=_TEARDOWN_DEADLINE)
+            except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this test, not the session
+                _close_failed(error)
+            _after_close(report)
 
     return registry_closed_on_the_test_loop
 

@@ -369,6 +369,48 @@ def test_leaks_and_breaks(broken):
     )
 
 
+def test_a_registry_that_fails_to_close_errors_only_its_own_test_and_the_next_tests_run(suite):
+    """An exception while the plugin closes a test's registry errors that test with the message; the rest still run."""
+    write(
+        suite,
+        "test_close_breaks",
+        """
+def secrets_of_another_version():
+    raise AttributeError("'Session' object has no attribute '_private_of_another_version'")
+
+
+def break_close(registry):
+    registry.wrap(sa.create_engine("sqlite://"), name="db")
+    registry["db"].driver.secrets = secrets_of_another_version
+
+
+def test_sync_close_breaks(poolkeeper_registry):
+    break_close(poolkeeper_registry)
+
+
+@pytest.mark.asyncio
+async def test_async_close_breaks(poolkeeper_registry):
+    break_close(poolkeeper_registry)
+
+
+def test_next_runs(poolkeeper_registry):
+    with poolkeeper_registry.wrap(sa.create_engine("sqlite://"), name="db").connect():
+        pass
+""",
+    )
+    result = run(suite)
+    result.assert_outcomes(passed=3, errors=2)
+    assert "INTERNALERROR" not in result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_sync_close_breaks*",
+            "poolkeeper_registry could not be closed at teardown: AttributeError: *_private_of_another_version*",
+            "*ERROR at teardown of test_async_close_breaks*",
+            "poolkeeper_registry could not be closed at teardown: AttributeError: *_private_of_another_version*",
+        ]
+    )
+
+
 def test_connections_held_by_longer_lived_fixtures_are_not_leaks(suite):
     """A session- or module-scoped fixture's connection, opened during some test's setup, blames no test."""
     write(
