@@ -100,7 +100,10 @@ def compat(session: nox.Session, libraries: tuple[str, ...]) -> None:
     else:
         session.install("--upgrade", "--upgrade-strategy", "eager", *COMPAT_LIBRARIES, "httpx2")
     session.run("python", "-c", _PRINT_VERSIONS.format(names=(*COMPAT_LIBRARIES, "httpx", "httpx2")))
-    session.run("pytest", "--poolkeeper-require-services", *(session.posargs or COMPAT_TESTS))
+    # Test paths given after "--" replace COMPAT_TESTS; other arguments go to pytest as they are.
+    paths = [arg for arg in session.posargs if arg.startswith("tests")]
+    options = [arg for arg in session.posargs if arg not in paths]
+    session.run("pytest", "--poolkeeper-require-services", *options, *(paths or COMPAT_TESTS))
 
 
 @nox.session
