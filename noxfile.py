@@ -52,7 +52,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "aiohttp==3.12.15",
         "psycopg[binary]==3.2.13",
         "fastapi==0.164.0",
-        "starlette==0.52.1",
+        "starlette==1.9.0",
         "uvicorn==0.53.0",
     ),
     "latest": (),

@@ -126,6 +126,25 @@ def _session_mode(config: pytest.Config) -> str:
     return value
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport() -> Iterator[pytest.TestReport]:
+    """Make each test's report with the garbage collector paused.
+
+    To show a failure, pytest parses the test's source with :func:`ast.parse`. A finalizer the
+    collector runs inside that parse (a dropped session's or connection's, which poolkeeper
+    tests make plenty of) can trip CPython's AST recursion bookkeeping (seen on 3.11.7; see
+    python/cpython#106905): ``SystemError: AST constructor recursion depth mismatch``, an
+    INTERNALERROR that ends the whole session. Paused, the collector runs after the report.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker and the leak checker; record borrow sites in the default registry."""
     config.addinivalue_line(
