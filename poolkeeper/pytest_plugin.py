@@ -49,7 +49,7 @@ from poolkeeper._redact import redact
 from poolkeeper._registry import Registry, get_registry
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 
     from poolkeeper._borrowers import Borrower
     from poolkeeper._report import ShutdownReport
@@ -127,7 +127,7 @@ def _session_mode(config: pytest.Config) -> str:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport() -> Iterator[pytest.TestReport]:
+def pytest_runtest_makereport() -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Make each test's report with the garbage collector paused.
 
     To show a failure, pytest parses the test's source with :func:`ast.parse`. A finalizer the
