@@ -6,7 +6,6 @@ library for one test (``monkeypatch``); ``nox -s compat`` runs the real releases
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -20,6 +19,7 @@ import poolkeeper
 from poolkeeper import Registry, UnsupportedResourceError
 from poolkeeper.adapters import _sqlalchemy_compat
 from tests.conftest import Server, sqlalchemy_url
+from tests.test_cancellation import borrow_in_thread
 
 
 def test_a_sqlalchemy_release_lacking_a_needed_name_is_refused_at_wrap_time(make_engine, monkeypatch):
@@ -64,20 +64,7 @@ def test_a_psycopg_without_cancel_safe_still_cancels_the_query_at_the_deadline(
     engine = make_engine()
     registry = Registry(drain_timeout=0.1)
     registry.wrap(engine, name="db")
-    checked_out = threading.Event()
-    errors: list[BaseException] = []
-
-    def borrow() -> None:
-        try:
-            with engine.connect() as connection:
-                checked_out.set()
-                connection.execute(sa.text("select pg_sleep(60)"))
-        except Exception as error:
-            errors.append(error)
-
-    borrower = threading.Thread(target=borrow, daemon=True)
-    borrower.start()
-    assert checked_out.wait(5)
+    borrower, errors = borrow_in_thread(engine)
     assert server.settle(lambda: len(server.running("pg_sleep")) == 1)
 
     started = time.monotonic()
