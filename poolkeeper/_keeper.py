@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
 from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_entry, untracked_entry
 from poolkeeper._concurrency import wake_soon
+from poolkeeper._gc_safe_lock import GcSafeLock
 from poolkeeper._leak_watch import watch_for_leak
 from poolkeeper.errors import PoolClosedError
 
@@ -76,7 +78,12 @@ class Keeper:
         self._track = track_borrowers or leak_threshold is not None
         self._leak_threshold = leak_threshold
         self._new_entry = tracked_entry if self._track else untracked_entry
-        self._lock = threading.Lock()
+        # Lock discipline (issue 19): the garbage collector may return a connection (checkin,
+        # _note_gc_return) from a finaliser at any allocation, in the thread that holds this lock.
+        # Such a re-entry is deferred until the section ends (GcSafeLock), never blocked on; the
+        # lock-free paths only pop/add single keys, and every walk over _borrows is over a
+        # dict.copy(), which runs no Python code, so a finaliser cannot change it mid-walk.
+        self._lock = GcSafeLock()
         self._state = KeeperState.OPEN
         self._borrows: dict[Any, Entry] = {}
         self._gc_leaks: list[Borrower] = []
@@ -138,15 +145,16 @@ class Keeper:
     def borrowers(self) -> list[Borrower]:
         """Who holds a connection now, since when, and (when tracked) where it was borrowed."""
         with self._lock:
-            borrows = list(self._borrows.items())
-        return [Borrow(connection, entry).view(self._name) for connection, entry in borrows]
+            borrows = self._borrows.copy()
+        return [Borrow(connection, entry).view(self._name) for connection, entry in borrows.items()]
 
     def gc_leaks(self, *, clear: bool = False) -> list[Borrower]:
         """Borrowers whose connection only came back through the garbage collector (tracked keepers)."""
         with self._lock:
-            leaks = list(self._gc_leaks)
             if clear:
-                self._gc_leaks.clear()
+                leaks, self._gc_leaks = self._gc_leaks, []
+            else:
+                leaks = self._gc_leaks.copy()
         return leaks
 
     def __repr__(self) -> str:
@@ -211,14 +219,26 @@ class Keeper:
                     self._note_gc_return(connection, entry)
                 return
             # Closing started meanwhile: count the return and wake the closer, as below.
-            with self._lock:
-                self._returned_during_close(entry)
-        else:
-            with self._lock:
-                entry = self._borrows.pop(connection, None)
-                self._returned_during_close(entry)
-            if self._state is KeeperState.CLOSED:
-                self._driver.returned_after_close()
+            self._count_return(connection, entry)
+            return
+        if self._lock.entered_here:  # a finaliser interrupted this thread's critical section
+            self._lock.defer(functools.partial(self.checkin, connection))
+            return
+        with self._lock:
+            entry = self._borrows.pop(connection, None)
+            self._returned_during_close(entry)
+        if self._state is KeeperState.CLOSED:
+            self._driver.returned_after_close()
+        if entry is not None and collected(entry):
+            self._note_gc_return(connection, entry)
+
+    def _count_return(self, connection: Any, entry: Entry | None) -> None:
+        # A return popped while open, but closing started meanwhile: count it, wake the closer.
+        if self._lock.entered_here:
+            self._lock.defer(functools.partial(self._count_return, connection, entry))
+            return
+        with self._lock:
+            self._returned_during_close(entry)
         if entry is not None and collected(entry):
             self._note_gc_return(connection, entry)
 
@@ -229,6 +249,9 @@ class Keeper:
         self._wake_if_drained()
 
     def _note_gc_return(self, connection: Any, entry: Entry) -> None:
+        if self._lock.entered_here:  # a finaliser interrupted this thread's critical section
+            self._lock.defer(functools.partial(self._note_gc_return, connection, entry))
+            return
         view = Borrow(connection, entry).view(self._name, returned_by_gc=True)
         if self._track:
             with self._lock:
@@ -342,7 +365,8 @@ class Keeper:
         """DRAINING -> FORCING; returns the borrows still out, to be force-closed."""
         self._advance(KeeperState.FORCING)
         with self._lock:
-            return [Borrow(connection, entry) for connection, entry in self._borrows.items()]
+            borrows = self._borrows.copy()
+        return [Borrow(connection, entry) for connection, entry in borrows.items()]
 
     def mark_closed(self) -> None:
         """-> CLOSED: every physical connection has been closed."""
