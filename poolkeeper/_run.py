@@ -3,15 +3,19 @@
 ``sys.exit(poolkeeper.run(main))`` runs ``main()`` on a new event loop; the first SIGTERM or
 SIGINT cancels it (``main`` sees ``CancelledError`` and cleans up), then the registry closes
 on that same loop, and the exit code says whether everything went well. A second signal
-force-closes everything at once.
+force-closes everything at once, and ends the process if ``main`` still does not finish (it
+swallows the cancellation): a second signal always stops the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
 import signal
+import sys
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -28,6 +32,10 @@ __all__ = ["run"]
 
 logger = logging.getLogger("poolkeeper.run")
 
+# After the second signal has force-closed the registry, how long main gets to finish before the
+# process is ended anyway: main swallows CancelledError, and nothing else would ever stop it.
+_EXIT_GRACE = 2.0
+
 
 class _Stopper:
     """Turns signals into cancelling ``main`` (and a second one into forcing the shutdown)."""
@@ -38,6 +46,8 @@ class _Stopper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Future[Any] | None = None
         self.requested = False
+        #: Set once main's task is done, however it ended.
+        self.main_done = threading.Event()
 
     def started(self, loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> None:
         with self._lock:
@@ -57,18 +67,33 @@ class _Stopper:
                 sig.name,
                 extra={"poolkeeper_signal": sig.name, "poolkeeper_signal_count": count},
             )
-            threading.Thread(target=self._force, name="poolkeeper-force", daemon=True).start()
+            threading.Thread(target=self._force, args=(sig,), name="poolkeeper-force", daemon=True).start()
         with self._lock:
             self.requested = True
             loop, task = self._loop, self._task
         if loop is not None and task is not None and not loop.is_closed():
             loop.call_soon_threadsafe(task.cancel)  # again on a second signal: main's cleanup is cut short too
 
-    def _force(self) -> None:
+    def _force(self, sig: signal.Signals) -> None:
         try:
-            self._registry.force_close()
+            self._registry.force_close()  # the report is logged by the registry
         except Exception:
             logger.exception("poolkeeper: force-closing on a second signal failed")
+        if self.main_done.wait(_EXIT_GRACE):
+            return  # main gave up: run() goes on, closes (already closed) and returns
+        # Cancelled twice and still running: main swallows CancelledError. Like a second Ctrl-C
+        # at a shell, the second signal ends the process; the registry is closed already.
+        logger.error(
+            "poolkeeper: main did not stop on a second %s (does it swallow CancelledError?); "
+            "the registry is closed, ending the process",
+            sig.name,
+            extra={"poolkeeper_signal": sig.name},
+        )
+        logging.shutdown()  # os._exit skips the flushing done at a normal exit
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed, or a pipe nobody reads any more
+                stream.flush()
+        os._exit(128 + sig)
 
 
 async def _guarded(awaitable: Awaitable[Any]) -> BaseException | None:
@@ -84,6 +109,7 @@ async def _supervise(
     main: Callable[[], Awaitable[Any]], registry: Registry, deadline: float | None, stopper: _Stopper
 ) -> int:
     task = asyncio.ensure_future(_guarded(main()))
+    task.add_done_callback(lambda _: stopper.main_done.set())
     stopper.started(asyncio.get_running_loop(), task)
     try:
         await asyncio.wait((task,))
@@ -124,8 +150,10 @@ def run(
     registrations are checked first (:meth:`Registry.check`). The first of ``signals`` cancels
     ``main`` (it sees ``CancelledError`` and can clean up) and marks the registry as draining;
     once ``main`` has finished, however it finished, the registry closes on the same loop within
-    ``deadline``. A second signal force-closes everything at once. The replaced signal handlers
-    are restored before returning.
+    ``deadline``. A second signal force-closes everything at once, and if ``main`` has not
+    finished 2 seconds later (it swallows ``CancelledError``), ends the process with exit code
+    128 + the signal number, the report logged. The replaced signal handlers are restored
+    before returning.
 
     Args:
         main: a coroutine function taking no argument.

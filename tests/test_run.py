@@ -160,3 +160,18 @@ def test_bad_arguments_are_refused_naming_them(arguments, error, message):
 
     with pytest.raises(error, match=message):
         poolkeeper.run(main, **arguments)
+
+
+def test_a_second_signal_ends_a_main_that_swallows_cancellation(spawn, server):
+    """A main that swallows CancelledError cannot hold the process: the second SIGTERM ends it, report logged."""
+    child = spawn("swallow")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    child.send(signal.SIGTERM)
+    child.expect("main: cancelled, and carrying on")
+    child.send(signal.SIGTERM)
+    assert child.wait(10) == 128 + signal.SIGTERM
+    assert "poolkeeper shutdown NOT ok" in child.output  # the report, logged before the end
+    assert "forced" in child.output
+    assert "did not stop on a second SIGTERM" in child.output + child.errors
+    assert server.settle(lambda: not server.backends())

@@ -5,6 +5,7 @@ Usage: run_program.py MODE POSTGRES_URL APPLICATION_NAME
 wait    main waits forever on an async engine; a signal stops it.
 force   the same, plus a task holding a connection running pg_sleep(60); drain_timeout 30 s.
 error   main raises.
+swallow main holds a connection and swallows every CancelledError: it never stops by itself.
 """
 
 # ruff: noqa: T201 -- a test program talks to its test through stdout
@@ -45,9 +46,14 @@ async def main() -> None:
         await connection.execute(sa.text("select 1"))
     if mode == "error":
         raise ValueError("boom")
-    if mode == "force":
+    if mode in ("force", "swallow"):
         holders.append(asyncio.ensure_future(hold(engine)))
     print("main: ready", flush=True)
+    while mode == "swallow":
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            print("main: cancelled, and carrying on", flush=True)
     try:
         await asyncio.Event().wait()
     except asyncio.CancelledError:
