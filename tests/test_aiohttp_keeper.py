@@ -566,3 +566,54 @@ async def test_session_closed_by_its_owner_first_closes_cleanly(http_server, mak
         await session.get(f"{http_server.url}/fast")
     assert registry["http"].borrowed == 0
     assert (await registry.aclose())["http"].outcome == "clean"
+
+
+async def test_an_upload_on_a_shared_connector_is_aborted_and_other_sessions_keep_theirs(http_server, make_session):
+    """connector_owner=False: the force-close aborts the stuck upload's socket; another session's request completes."""
+    peers: list[asyncio.StreamWriter] = []
+
+    async def never_read(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)  # accepts, then reads nothing: the client's buffers fill up
+
+    peer = await asyncio.start_server(never_read, "127.0.0.1", 0, limit=1024)
+    port = peer.sockets[0].getsockname()[1]
+    connector = aiohttp.TCPConnector()
+    session = make_session(connector=connector, connector_owner=False)
+    other = make_session(connector=connector, connector_owner=False)
+    registry = Registry(drain_timeout=0.1, close_timeout=1)
+    registry.wrap(session, name="upload")
+
+    async def upload() -> None:
+        async with session.post(f"http://127.0.0.1:{port}/", data=b"x" * (32 * 1024 * 1024)) as response:
+            await response.read()
+
+    uploading = asyncio.ensure_future(upload())
+    waiting = asyncio.ensure_future(read_all(other, f"{http_server.url}/slow"))
+    await http_server.wait_arrived(1)
+
+    def upload_transport() -> asyncio.Transport | None:
+        for protocol in connector._acquired:  # the test's way to see the client's socket
+            transport = protocol.transport
+            if transport is not None and transport.get_extra_info("peername")[1] == port:
+                return transport
+        return None
+
+    await auntil(lambda: (transport := upload_transport()) is not None and transport.get_write_buffer_size() > 0)
+    transport = upload_transport()
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+
+    report = await asyncio.wait_for(registry.aclose(), 5)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await asyncio.wait_for(uploading, 2)
+    await asyncio.sleep(0)  # an aborted transport closes its socket on the next loop step
+
+    assert report["upload"].forced == 1
+    assert sock.fileno() == -1
+    http_server.finish.set()
+    assert await asyncio.wait_for(waiting, 5) == b"slow"
+    await connector.close()
+    peer.close()
+    for writer in peers:
+        writer.close()
+    await peer.wait_closed()

@@ -28,6 +28,7 @@ deadline.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import sys
 import weakref
@@ -59,7 +60,7 @@ class _InFlight:
     response was released by the garbage collector rather than by its holder.
     """
 
-    __slots__ = ("cancelled_at", "connection", "response", "task")
+    __slots__ = ("cancelled_at", "connection", "response", "sending", "task")
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         # Set while the request is inside ClientSession._request, the only place it can be
@@ -67,6 +68,9 @@ class _InFlight:
         self.task = task
         # Set when _request returned a response whose connection is still in use.
         self.connection: Connection | None = None
+        # The connection the request is being sent on, while still inside _request (see
+        # _recording_request_class): the force-close aborts it whoever owns the connector.
+        self.sending: Connection | None = None
         self.response: weakref.ref[ClientResponse] | None = None
         # The task's cancellation count before a force-close cancelled it (None: never forced).
         self.cancelled_at: int | None = None
@@ -78,6 +82,45 @@ class _InFlight:
         response = ref()
         # Every release path sets _closed first; only ClientResponse.__del__ releases an open one.
         return None if response is None or not response._closed else self  # noqa: SLF001 -- no public flag
+
+
+# The request being sent by the current task's _request: how the session's request class finds
+# which borrow the connection it is given belongs to.
+_in_flight: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar("poolkeeper_aiohttp", default=None)
+_recording_classes: dict[type[Any], type[Any]] = {}
+
+
+def _recording_request_class(cls: type[Any]) -> type[Any]:
+    """A subclass of the request class ``cls`` that tells the borrow which connection it is sent on.
+
+    Without it, the force-close knows the connections in use only when the session owns its
+    connector (then all of them are its own); a session on a shared connector would leave a
+    request stuck sending to a peer that stopped reading with its socket open.
+    """
+    if cls in _recording_classes.values():
+        return cls
+    if cls not in _recording_classes:
+
+        async def send(self: Any, conn: Connection) -> Any:
+            request = _in_flight.get()
+            if request is not None:
+                request.sending = conn
+            return await cls.send(self, conn)
+
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "send": send}
+        _recording_classes.setdefault(cls, type(cls.__name__, (cls,), namespace))
+    return _recording_classes[cls]
+
+
+def _abort_sending(request: _InFlight) -> None:
+    """Abort the socket a request is still being sent on, if any.
+
+    aiohttp closes the connection of a cancelled request with ``transport.close()``, which waits
+    for the write buffer to drain: to a peer that stopped reading, it never does.
+    """
+    sending = request.sending
+    if sending is not None and sending.transport is not None:
+        sending.transport.abort()
 
 
 def _forced_error(name: str) -> ClientConnectionError:
@@ -123,16 +166,19 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
         request = _InFlight(task)
         if not keeper.lend(request, request):
             raise keeper.refusal()
+        token = _in_flight.set(request)
         try:
             response = await library_request(session, method, str_or_url, **kwargs)
         except BaseException as error:
-            request.task = None
+            request.task = request.sending = None
             checkin(request)
             if request.cancelled_at is not None and _withdraw_cancel(task, request.cancelled_at):
                 cause = None if isinstance(error, asyncio.CancelledError) else error
                 raise _forced_error(keeper.name) from cause
             raise
-        request.task = None
+        finally:
+            _in_flight.reset(token)
+        request.task = request.sending = None
         if request.cancelled_at is not None and _withdraw_cancel(task, request.cancelled_at):  # swallowed inside
             response.close()
             checkin(request)
@@ -204,10 +250,14 @@ class AiohttpDriver(Driver):
         # Written into the instance's __dict__: ClientSession.__setattr__ warns about unknown
         # attributes in aiohttp's debug mode, and an instance attribute shadows the method.
         vars(self.session)["_request"] = _guarded_request(self.session, self)
+        self.session._request_class = _recording_request_class(self.session._request_class)  # noqa: SLF001 -- no public setter
 
     def detach(self) -> None:
-        """Give the session back its class's own ``_request``."""
+        """Give the session back its class's own ``_request`` and request class."""
         vars(self.session).pop("_request", None)
+        recording = self.session._request_class  # noqa: SLF001
+        if recording in _recording_classes.values():
+            self.session._request_class = recording.__mro__[1]  # noqa: SLF001
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -237,6 +287,7 @@ class AiohttpDriver(Driver):
             if task is not None:
                 # Still inside _request, wherever it waits (DNS, connect, a free connection,
                 # headers): interrupted like asyncio.timeout does; the guard turns it into an error.
+                _abort_sending(request)
                 if request.cancelled_at is None:
                     request.cancelled_at = _cancel_count(task)
                     task.cancel(_CANCEL_MESSAGE)
