@@ -730,14 +730,42 @@ class _RedisClaim:
         return None
 
     def release(self) -> None:
+        """Empty the claimed database and give it back, if the claim is still this session's.
+
+        Flushing is sound here: the database was empty when claimed, and the claim key kept
+        every other session out, so whatever is in it now this session wrote. FLUSHDB empties
+        that one database only (never FLUSHALL). A claim lost meanwhile (it expired) is left
+        alone: the database may be someone else's by now.
+        """
         if self.database is None:
             return
         client = self._redis.Redis.from_url(self._url, db=self.database, socket_connect_timeout=_CONNECT_TIMEOUT)
         try:
             if client.get(_REDIS_CLAIM_KEY) == self._token.encode():
-                client.delete(_REDIS_CLAIM_KEY)
+                client.flushdb()  # the claim key goes with the session's keys
         finally:
             client.close()
+
+
+def _xdist_worker_index() -> int | None:
+    """The index of this pytest-xdist worker (``gw3`` -> 3), or None outside a worker."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else None
+
+
+def _worker_database(database: int, base: str, hidden: tuple[str, ...]) -> int:
+    """The named ``database`` for this process: shifted by the xdist worker index, so workers never share one."""
+    index = _xdist_worker_index()
+    if index is None:
+        return database
+    if database + index > _REDIS_CANDIDATE_DATABASES[-1]:
+        pytest.fail(
+            f"{REDIS_URL_ENV} names database {database}; pytest-xdist worker gw{index} would use "
+            f"{database + index}, past {_REDIS_CANDIDATE_DATABASES[-1]}: name a lower one, or run fewer "
+            f"workers ({redact(base, hidden)})",
+            pytrace=False,
+        )
+    return database + index
 
 
 def _redis_ping(url: str) -> None:
@@ -755,9 +783,11 @@ def poolkeeper_redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The URL of a Redis database index of this test session's own (never database 0).
 
     From ``POOLKEEPER_REDIS_URL`` when set: a URL that names a database other than 0 is used as
-    it is; one that names none (or 0) gets the first empty database from 1 to 15, claimed for the
-    session with the key ``poolkeeper:pytest-session`` and given back at the end. Nothing is ever
-    flushed. Otherwise a testcontainers Redis container (database 1) when Docker answers (image:
+    it is (under pytest-xdist, worker ``gwN`` gets that database + N, so that workers never
+    share one); one that names none (or 0) gets the first empty database from 1 to 15, claimed
+    for the session with the key ``poolkeeper:pytest-session``, emptied (``FLUSHDB`` of that
+    database alone) and given back at the end, so the next session can claim it again. A named
+    database is never flushed. Otherwise a testcontainers Redis container (database 1) when Docker answers (image:
     ``POOLKEEPER_REDIS_IMAGE``, default ``redis:7-alpine``). Otherwise the test is skipped, or
     fails under ``--poolkeeper-require-services``. A server named in the environment that does
     not answer always fails the test.
@@ -803,8 +833,9 @@ def poolkeeper_redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
         problem = f"Redis at {redact(base, hidden)} ({REDIS_URL_ENV}) did not answer: {text}"
     if problem is not None:  # failed outside the except block: the driver's own error, unscrubbed, stays out
         pytest.fail(problem, pytrace=False)
-    if claim is None:
-        yield base
+    if claim is None:  # a named database (not None, not 0)
+        worker_database = _worker_database(database or 0, base, hidden)
+        yield base if worker_database == database else _with_redis_database(base, worker_database)
         return
     if database is None:
         pytest.fail(

@@ -798,6 +798,48 @@ def test_a_redis_url_without_a_database_gets_an_empty_one_claimed_for_the_sessio
         somebody.close()
 
 
+def test_a_claimed_redis_database_is_left_empty_and_claimed_again_next_time(pytester, monkeypatch, private_redis):
+    """A session that writes keys in its claimed database leaves it empty: the database is claimed again next time."""
+    monkeypatch.setenv("POOLKEEPER_REDIS_URL", private_redis)
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_writes="""
+import redis
+
+def test_writes(poolkeeper_redis_url):
+    client = redis.Redis.from_url(poolkeeper_redis_url)
+    client.set("session-data", "x")
+    print("REDIS", poolkeeper_redis_url)
+    client.close()
+"""
+    )
+    for _ in range(2):  # the same database each time: sessions never use the 15 up
+        result = run(pytester, "-s")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*REDIS {private_redis}/1"])
+    first = redis.Redis.from_url(private_redis, db=1)
+    try:
+        assert first.dbsize() == 0
+    finally:
+        first.close()
+
+
+def test_xdist_workers_given_a_named_redis_database_never_share_it(pytester, monkeypatch):
+    """Under pytest-xdist, worker gwN gets the named database + N, and a worker past database 15 fails clearly."""
+    base = os.environ["POOLKEEPER_REDIS_URL"].rsplit("/", 1)[0]
+    pytester.makeini(INI)
+    pytester.makepyfile(test_services=SERVICES)
+    monkeypatch.setenv("POOLKEEPER_REDIS_URL", f"{base}/10")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw2")
+    result = run(pytester, "-s", "-k", "redis")
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines([f"*REDIS {base}/12 True"])
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw6")
+    result = run(pytester, "-s", "-k", "redis")
+    result.assert_outcomes(errors=1, deselected=1)
+    result.stdout.fnmatch_lines(["*pytest-xdist worker gw6 would use 16, past 15*"])
+
+
 def test_a_redis_url_that_does_not_answer_fails(no_services, monkeypatch):
     """A Redis named in the environment but down is a failure, not a skip."""
     monkeypatch.setenv("POOLKEEPER_REDIS_URL", "redis://:s3cret-token@127.0.0.1:1/5")
