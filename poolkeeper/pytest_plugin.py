@@ -204,6 +204,64 @@ class _TestWindow:
 _WINDOW = pytest.StashKey[_TestWindow]()
 
 
+@dataclass
+class _FixtureTeardown:
+    """When the teardown of one class/module/package/session fixture ran: what it borrows is its own."""
+
+    name: str
+    scope: str
+    location: tuple[str, int]  # (file, line) of the fixture function
+    started: float | None = None
+    ended: float | None = None
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def end(self) -> None:
+        self.ended = time.time()
+
+    def owns(self, borrower: Borrower) -> bool:
+        """True if ``borrower`` began during this teardown."""
+        began = borrower.borrowed_at
+        return self.started is not None and self.started <= began <= (self.ended or time.time())
+
+
+def _fixture_location(fixturedef: pytest.FixtureDef[Any]) -> tuple[str, int]:
+    code = getattr(inspect.unwrap(fixturedef.func), "__code__", None)
+    return ("?", 0) if code is None else (code.co_filename, code.co_firstlineno)
+
+
+def _fixture_teardown_leaks(
+    window: _TestWindow, teardowns: list[_FixtureTeardown]
+) -> list[tuple[_FixtureTeardown, _Leak]]:
+    """Take out of ``window.leaks`` those borrowed by a fixture teardown that has run (dropped from ``teardowns``)."""
+    done = [teardown for teardown in teardowns if teardown.ended is not None]
+    if not done:
+        return []
+    for teardown in done:
+        teardowns.remove(teardown)
+    found: list[tuple[_FixtureTeardown, _Leak]] = []
+    for leak in list(window.leaks):
+        owner = next((teardown for teardown in done if teardown.owns(leak.borrower)), None)
+        if owner is not None:
+            window.leaks.remove(leak)
+            found.append((owner, leak))
+    return found
+
+
+def _fixture_failure_message(leaks: list[tuple[_FixtureTeardown, _Leak]], root: Path) -> str:
+    parts: list[str] = []
+    for number, (teardown, leak) in enumerate(leaks, 1):
+        filename, lineno = teardown.location
+        parts.append(
+            f"[{number}] poolkeeper: the teardown of {teardown.scope}-scoped fixture {teardown.name!r} "
+            f"({_shown_path(filename, root)}:{lineno}) borrowed a connection and never gave it back "
+            f"(not this test's doing):\n{_describe(leak, root)}"
+        )
+    parts.append("Give each connection the fixture's teardown borrows back before the teardown ends.")
+    return "\n".join(parts)
+
+
 def _marker_mode(item: pytest.Item) -> str | None:
     marker = item.get_closest_marker("poolkeeper")
     if marker is None:
@@ -231,6 +289,8 @@ class _LeakChecker:
         self._config = config
         self._mode = mode
         self._current: _TestWindow | None = None
+        # Teardowns of longer-lived fixtures set up so far; each is judged (and dropped) once run.
+        self._teardowns: list[_FixtureTeardown] = []
         self._default_tracking: bool | None = None
         if mode != "off":
             # Keepers wrapped from now on record their borrow sites, so a leak names its line.
@@ -254,11 +314,18 @@ class _LeakChecker:
         window = self._current
         if window is None or fixturedef.scope == "function":
             return (yield)
+        # Finalizers run last-added first: this one runs after the fixture's own teardown, the
+        # one added after the setup runs just before it.
+        teardown = _FixtureTeardown(fixturedef.argname, fixturedef.scope, _fixture_location(fixturedef))
+        fixturedef.addfinalizer(teardown.end)
         started = time.time()
         try:
-            return (yield)
+            result = yield
         finally:
             window.fixture_setups.append((started, time.time()))
+        fixturedef.addfinalizer(teardown.start)
+        self._teardowns.append(teardown)
+        return result
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
@@ -277,7 +344,8 @@ class _LeakChecker:
         if window is None:
             return
         window.collect(get_registry(), "default registry")
-        if window.mode == "off" or not window.leaks:
+        fixture_leaks = _fixture_teardown_leaks(window, self._teardowns)
+        if window.mode == "off" or not (window.leaks or fixture_leaks):
             return
         root = self._config.rootpath
         if window.mode == "warn" or teardown_failed:
@@ -287,8 +355,16 @@ class _LeakChecker:
                 warnings.warn_explicit(
                     PoolkeeperLeakWarning(f"{_headline(window.leaks)}\n{_describe(leak, root)}"), None, filename, lineno
                 )
+            for leak_of_fixture in fixture_leaks:
+                filename, lineno = _warning_location(leak_of_fixture[1], item)
+                warnings.warn_explicit(
+                    PoolkeeperLeakWarning(_fixture_failure_message([leak_of_fixture], root)), None, filename, lineno
+                )
             return
-        pytest.fail(_failure_message(window.leaks, root), pytrace=False)
+        messages = [_failure_message(window.leaks, root)] if window.leaks else []
+        if fixture_leaks:
+            messages.append(_fixture_failure_message(fixture_leaks, root))
+        pytest.fail("\n".join(messages), pytrace=False)
 
 
 def _headline(leaks: list[_Leak]) -> str:

@@ -411,6 +411,43 @@ def test_next_runs(poolkeeper_registry):
     )
 
 
+@pytest.mark.parametrize("scope", ["module", "session"])
+def test_a_fixture_teardown_that_borrows_and_keeps_is_blamed_by_name_not_the_last_test(suite, scope):
+    """A longer-lived fixture borrowing in its teardown is named with its location; the last test is not blamed."""
+    path = write(
+        suite,
+        "test_teardown_borrows",
+        f"""
+ENGINE = poolkeeper.wrap(sa.create_engine(SYNC_URL), name="shared")
+KEPT = []
+
+
+@pytest.fixture(scope="{scope}")  # FIXTURE
+def audit_log():
+    yield
+    KEPT.append(ENGINE.connect())  # TEARDOWN BORROW
+
+
+def test_first(audit_log):
+    pass
+
+
+def test_last_never_touches_the_database():
+    pass
+""",
+    )
+    result = run(suite, "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    fixture_line = line_of(path, "# FIXTURE")
+    result.stdout.fnmatch_lines(
+        [
+            f"*the teardown of {scope}-scoped fixture 'audit_log' (test_teardown_borrows.py:{fixture_line})*",
+            f"*borrowed at test_teardown_borrows.py:{line_of(path, '# TEARDOWN BORROW')} in audit_log*",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*this test leaked*")
+
+
 def test_connections_held_by_longer_lived_fixtures_are_not_leaks(suite):
     """A session- or module-scoped fixture's connection, opened during some test's setup, blames no test."""
     write(
