@@ -173,10 +173,11 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
             cancelled = await _step(keeper, "force-close", driver.force_close(borrows, budget), budget, errors)
     budget = _MIN_CLOSE_BUDGET if cancelled else max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
     cancelled = await _step(keeper, "close", driver.close_connections(), budget, errors) or cancelled
-    keeper.mark_closed()
     # Counted, not snapshotted: a checkout that raced the start of closing is drained too.
     borrowed_at_start = keeper.returned_while_draining + forced
     outcome: Outcome = "failed" if errors else "forced" if forced else "clean"
+    # The report first, then the state: whoever sees the keeper closed (a metrics scrape reads
+    # the state, then the report) finds its report, never "closed" with nothing forced.
     keeper.close_report = ResourceReport(
         name=keeper.name,
         kind=keeper.kind,
@@ -190,6 +191,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         leaks=leaks,  # type: ignore[arg-type]  # tuple of Borrower built above
         target=target,
     )
+    keeper.mark_closed()
     if cancelled is not None:
         raise cancelled
     return keeper.close_report

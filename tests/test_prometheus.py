@@ -360,3 +360,34 @@ def test_the_shutdown_report_is_logged_as_a_json_safe_record(make_engine, caplog
     assert json.loads(json.dumps(record.poolkeeper_report))["items"][0]["forced"] == 1
     assert PASSWORD not in json.dumps(record.poolkeeper_report)
     assert PASSWORD not in record.getMessage()
+
+
+def test_a_scrape_that_sees_a_keeper_closed_sees_its_forced_closes_too(make_engine):
+    """The state and the report are published together: no scrape reads state=closed with forced=0."""
+    registry = Registry(drain_timeout=0)
+    engine = registry.wrap(make_engine(), name="db")
+    metrics = CollectorRegistry()
+    register(metrics, registry=registry)
+    held = engine.connect()
+    seen: list[tuple[str, float | None]] = []
+
+    class ScrapeOnEachStep(logging.Handler):
+        # The keeper logs each state change right after making it: the moment a scrape could come.
+        def emit(self, record: logging.LogRecord) -> None:  # noqa: ARG002 -- any record is a moment to scrape
+            scrape = Scrape(metrics)
+            forced = scrape.value("poolkeeper_forced_closes_total", keeper="db", kind="sqlalchemy")
+            seen.append((scrape.state("db", "sqlalchemy"), forced))
+
+    handler = ScrapeOnEachStep()
+    keeper_logger = logging.getLogger("poolkeeper.keeper")
+    keeper_logger.addHandler(handler)
+    previous_level = keeper_logger.level
+    keeper_logger.setLevel(logging.INFO)
+    try:
+        registry.close()
+    finally:
+        keeper_logger.removeHandler(handler)
+        keeper_logger.setLevel(previous_level)
+        held.close()
+    assert ("closed", 1.0) in seen
+    assert ("closed", 0.0) not in seen

@@ -538,8 +538,8 @@ class AsyncpgDriver(Driver):
         borrows = keeper.start_forcing()
         requests = [_cancel_later(connection) for connection in _open_connections(b.connection for b in borrows)]
         self._terminate_all()
-        keeper.mark_closed()
-        # What the registry reports for this keeper when it closes later.
+        # What the registry reports for this keeper when it closes later; set before the state,
+        # so that whoever sees the keeper closed finds its report.
         keeper.close_report = ResourceReport(
             keeper.name,
             keeper.kind,
@@ -550,6 +550,7 @@ class AsyncpgDriver(Driver):
             leaks=tuple(borrow.view(keeper.name) for borrow in borrows),
             target=redact(self.describe(), self.secrets()),
         )
+        keeper.mark_closed()
         if requests:
             # From a thread with a loop of its own: terminate() is often the last thing a
             # program does, and the pool's loop may never run again to send them.
