@@ -202,6 +202,19 @@ class _TestWindow:
 
 
 _WINDOW = pytest.StashKey[_TestWindow]()
+# The report of the test's call (or of a setup that skipped it).
+_OUTCOME = pytest.StashKey[pytest.TestReport]()
+
+
+def _skipped_or_expected_to_fail(item: pytest.Item) -> bool:
+    """True if the test was skipped (``pytest.skip()`` included) or is an xfail, failing or not.
+
+    Its leaks are then shown as warnings, not as a teardown error: a test stopped half-way
+    often leaves its connection out as a consequence, and pytest would turn a teardown error of
+    an xfail test into a second xfail, hiding the leak and counting the test twice.
+    """
+    outcome = item.stash.get(_OUTCOME, None)
+    return outcome is not None and (outcome.skipped or hasattr(outcome, "wasxfail"))
 
 
 @dataclass
@@ -309,6 +322,16 @@ class _LeakChecker:
         window.mode = _marker_mode(item) or self._mode
         return result
 
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        # Outermost, so the report is seen as the skipping plugin left it (xfail or not).
+        report = yield
+        if call.when == "call" or (call.when == "setup" and report.skipped):
+            item.stash[_OUTCOME] = report
+        return report
+
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any]) -> Iterator[Any]:
         window = self._current
@@ -348,7 +371,7 @@ class _LeakChecker:
         if window.mode == "off" or not (window.leaks or fixture_leaks):
             return
         root = self._config.rootpath
-        if window.mode == "warn" or teardown_failed:
+        if window.mode == "warn" or teardown_failed or _skipped_or_expected_to_fail(item):
             # A failing teardown keeps its own error; the leaks still show, as warnings.
             for leak in window.leaks:
                 filename, lineno = _warning_location(leak, item)
