@@ -617,3 +617,19 @@ async def test_an_upload_on_a_shared_connector_is_aborted_and_other_sessions_kee
     for writer in peers:
         writer.close()
     await peer.wait_closed()
+
+
+async def test_a_force_closed_websocket_receiver_is_told_why(http_server, make_session):
+    """A websocket receiver aborted at the deadline gets an ERROR message carrying the force-close error."""
+    session = make_session()
+    registry = Registry(drain_timeout=0.1)
+    registry.wrap(session, name="http")
+    socket = await session.ws_connect(f"{http_server.url}/ws")
+    receiving = asyncio.ensure_future(socket.receive())
+    await registry.aclose()
+    message = await asyncio.wait_for(receiving, 5)
+
+    assert message.type is aiohttp.WSMsgType.ERROR
+    assert isinstance(message.data, aiohttp.ClientConnectionError)
+    assert "poolkeeper 'http' force-closed this request" in str(message.data)
+    await socket.close()

@@ -34,7 +34,7 @@ import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import BasicAuth, ClientConnectionError, ClientResponse, ClientSession, hdrs
+from aiohttp import BasicAuth, ClientConnectionError, ClientResponse, ClientSession, WSMessage, WSMsgType, hdrs
 from yarl import URL
 
 from poolkeeper._concurrency import run_on_loop
@@ -121,6 +121,18 @@ def _abort_sending(request: _InFlight) -> None:
     sending = request.sending
     if sending is not None and sending.transport is not None:
         sending.transport.abort()
+
+
+def _tell_websocket(connection: Connection, error: ClientConnectionError) -> None:
+    """Queue ``error`` for the receiver of a websocket on ``connection``, as aiohttp queues its own errors.
+
+    Without it the receiver wakes on the aborted socket and reports whatever failed next (a
+    close frame it could not write), not why its websocket was closed.
+    """
+    protocol = connection.protocol
+    queue = getattr(protocol, "_payload", None)  # the websocket's message queue once upgraded
+    if type(queue).__name__ == "WebSocketDataQueue":
+        queue.feed_data(WSMessage(WSMsgType.ERROR, error, None), 0)  # type: ignore[union-attr]
 
 
 def _forced_error(name: str) -> ClientConnectionError:
@@ -299,6 +311,7 @@ class AiohttpDriver(Driver):
             response = None if ref is None else ref()
             if response is not None and response.content.exception() is None:
                 response.content.set_exception(_forced_error(name))  # the reader fails on its next read
+            _tell_websocket(connection, _forced_error(name))
             transport = connection.transport
             if transport is not None:
                 transport.abort()  # no goodbye to a peer that may never answer
