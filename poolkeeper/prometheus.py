@@ -21,6 +21,7 @@ the metric families from it. Every family has the labels ``keeper`` (the keeper'
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -79,11 +80,32 @@ class PoolkeeperCollector:
     def __init__(self, registry: Registry | None = None, *, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
         if registry is not None and not isinstance(registry, Registry):
             raise TypeError(f"registry must be a poolkeeper.Registry or None, got {registry!r}")
-        self._registry = registry if registry is not None else get_registry()
+        self._registries = [registry if registry is not None else get_registry()]
         self._buckets = _check_buckets(buckets)
 
     def __repr__(self) -> str:
-        return f"<PoolkeeperCollector keepers={[keeper.name for keeper in self._registry.keepers]}>"
+        return f"<PoolkeeperCollector keepers={[keeper.name for keeper in self._keepers()]}>"
+
+    def add_registry(self, registry: Registry) -> None:
+        """Read ``registry``'s keepers too: one collector for several registries in one process.
+
+        Keeper names must differ across the registries: they are the ``keeper`` label.
+
+        Raises:
+            TypeError: ``registry`` is not a :class:`poolkeeper.Registry`.
+            ValueError: it is read already, or one of its keepers has the name of a keeper read already.
+        """
+        if not isinstance(registry, Registry):
+            raise TypeError(f"registry must be a poolkeeper.Registry, got {registry!r}")
+        if any(registry is known for known in self._registries):
+            raise ValueError("registry: read by this collector already (its poolkeeper_connections... are registered)")
+        clash = {keeper.name for keeper in registry.keepers} & {keeper.name for keeper in self._keepers()}
+        if clash:
+            raise ValueError(f"registry: keeper names {sorted(clash)} are in another registry of this collector too")
+        self._registries.append(registry)
+
+    def _keepers(self) -> list[Keeper]:
+        return [keeper for registry in self._registries for keeper in registry.keepers]
 
     def describe(self) -> list[Metric]:
         """The metric families this collector exposes, without samples."""
@@ -92,7 +114,7 @@ class PoolkeeperCollector:
     def collect(self) -> list[Metric]:
         """The metric families with every keeper's numbers as they are now."""
         families = _Families(self._buckets)
-        for keeper in self._registry.keepers:
+        for keeper in self._keepers():
             families.add(keeper)
         return families.all()
 
@@ -180,16 +202,35 @@ def register(
         registry: the poolkeeper registry to read (default: :func:`poolkeeper.get_registry`).
         buckets: upper bounds, in seconds, of the duration histograms.
 
+    A second poolkeeper registry registered in the same ``collector_registry`` is added to the
+    collector already there (:meth:`PoolkeeperCollector.add_registry`): two collectors would
+    expose the same metric names, which ``prometheus_client`` refuses.
+
     Returns:
         The collector (``collector_registry.unregister(collector)`` removes it).
 
     Raises:
         TypeError: ``collector_registry`` cannot register collectors, or a bad ``registry``/``buckets``.
-        ValueError: the metric names are already registered there (``register()`` called twice).
+        ValueError: the metric names are already registered there by something else, or this
+            poolkeeper registry is registered there already, or its keeper names clash.
     """
     target = REGISTRY if collector_registry is None else collector_registry
     if not callable(getattr(target, "register", None)):
         raise TypeError(f"collector_registry must be a prometheus_client CollectorRegistry, got {target!r}")
+    existing = _registered.get(target)
+    if existing is not None and _still_registered(target, existing):
+        existing.add_registry(registry if registry is not None else get_registry())
+        return existing
     collector = PoolkeeperCollector(registry, buckets=buckets)
     target.register(collector)
+    _registered[target] = collector
     return collector
+
+
+# The collector register() put in each CollectorRegistry: a second poolkeeper registry joins it.
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, PoolkeeperCollector] = weakref.WeakKeyDictionary()
+
+
+def _still_registered(target: CollectorRegistry, collector: PoolkeeperCollector) -> bool:
+    # unregister() leaves no trace we are told about: ask prometheus_client's own table.
+    return collector in getattr(target, "_collector_to_names", {collector: None})

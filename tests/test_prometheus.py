@@ -391,3 +391,26 @@ def test_a_scrape_that_sees_a_keeper_closed_sees_its_forced_closes_too(make_engi
         held.close()
     assert ("closed", 1.0) in seen
     assert ("closed", 0.0) not in seen
+
+
+def test_two_poolkeeper_registries_are_exposed_through_one_collector_registry(make_engine):
+    """A second registry registered in the same CollectorRegistry joins the first collector: no duplicate timeseries."""
+    api, worker = Registry(), Registry()
+    api_engine = api.wrap(make_engine(), name="api-db")
+    worker.wrap(make_engine(), name="worker-db")
+    metrics = CollectorRegistry()
+    first = register(metrics, registry=api)
+    second = register(metrics, registry=worker)
+    held = api_engine.connect()
+
+    scrape = Scrape(metrics)
+    assert second is first
+    assert scrape.connections("api-db", "sqlalchemy", "borrowed") == 1.0
+    assert scrape.connections("worker-db", "sqlalchemy", "borrowed") == 0.0
+    clashing = Registry()
+    clashing.wrap(make_engine(), name="api-db")
+    with pytest.raises(ValueError, match="api-db"):
+        register(metrics, registry=clashing)
+    held.close()
+    for registry in (api, worker, clashing):
+        registry.close()
