@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
+import redis
+
+from poolkeeper import Registry, ShutdownReport, _keeper
 
 PROGRAM = Path(__file__).parent / "programs" / "gc_every_line_program.py"
 SPARES = 20
 UNSEEN = 1500
+SPARES_REDIS = 200
 
 
 @pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "untracked"])
@@ -41,3 +49,64 @@ def test_a_collection_at_every_line_of_borrowers_and_close_never_deadlocks(tmp_p
     assert result["forced"] >= 1
     if tracked:  # every collected borrow the keeper lent is reported as a leak, deferred or not
         assert result["leaked"] - result["leaked_unseen"] == result["gc_leaks"]
+
+
+def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_deadlocked(redis_url: str) -> None:
+    """redis-py's Pipeline.__del__ returning its connection at any line of the keeper, lock held, never blocks."""
+    registry = Registry(drain_timeout=0)
+    client = registry.wrap(redis.Redis.from_url(redis_url, max_connections=400), name="cache", track_borrowers=True)
+    keeper = registry["cache"]
+    spares = []
+    for _ in range(SPARES_REDIS):  # borrowed before the close: a closing keeper lends nothing new
+        pipeline = client.pipeline()
+        # WATCH holds the pipeline's connection. redis-py leaves Pipeline.watch unannotated.
+        pipeline.watch("poolkeeper-gc-test")  # type: ignore[no-untyped-call]
+        spares.append(pipeline)
+    held = client.pipeline()
+    held.watch("poolkeeper-gc-test")  # type: ignore[no-untyped-call]  # never given back: force-closed
+    visited = [0]
+
+    def leak_and_collect() -> None:
+        visited[0] += 1
+        if keeper.lending:
+            pipeline = client.pipeline()
+            pipeline.watch("poolkeeper-gc-test")  # type: ignore[no-untyped-call]
+        elif spares:
+            pipeline = spares.pop()
+        else:
+            return
+        cycle: list[object] = [pipeline]
+        cycle.append(cycle)
+        del pipeline, cycle
+        gc.collect(0)
+
+    def trace(frame: FrameType, event: str, _arg: Any) -> Any:
+        if frame.f_code.co_filename != _keeper.__file__:
+            return None
+        if event == "line":
+            leak_and_collect()
+        return trace
+
+    outcome: list[object] = []
+
+    def close() -> None:
+        sys.settrace(trace)
+        try:
+            outcome.append(keeper.borrowers())
+            outcome.append(registry.close())
+        finally:
+            sys.settrace(None)
+
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "deadlocked: a finaliser re-entered the keeper's lock"
+    report = outcome[1]
+    assert isinstance(report, ShutdownReport)
+    assert visited[0] > 20
+    assert report["cache"].forced >= 1
+    assert keeper.state.value == "closed"
+    # Each of the 201 borrows out when closing began came back (collected) or was force-closed:
+    # no return deferred out of a critical section was lost.
+    assert report["cache"].returned + report["cache"].forced == SPARES_REDIS + 1
+    held.reset()
