@@ -4,7 +4,8 @@
 SIGINT cancels it (``main`` sees ``CancelledError`` and cleans up), then the registry closes
 on that same loop, and the exit code says whether everything went well. A second signal
 force-closes everything at once, and ends the process if ``main`` still does not finish (it
-swallows the cancellation): a second signal always stops the process.
+swallows the cancellation): a second signal always stops the process, and so does the end of
+``deadline`` counted from the first signal.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ _EXIT_GRACE = 2.0
 class _Stopper:
     """Turns signals into cancelling ``main`` (and a second one into forcing the shutdown)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, deadline: float | None) -> None:
         self._registry = registry
+        self._deadline = deadline
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Future[Any] | None = None
@@ -61,6 +63,10 @@ class _Stopper:
         if count == 1:
             self._registry.start_draining()
             logger.info("poolkeeper: %s received: stopping main", sig.name, extra={"poolkeeper_signal": sig.name})
+            if self._deadline is not None:
+                threading.Thread(
+                    target=self._expire, args=(sig, self._deadline), name="poolkeeper-deadline", daemon=True
+                ).start()
         else:
             logger.warning(
                 "poolkeeper: %s received again: force-closing everything now",
@@ -74,7 +80,20 @@ class _Stopper:
         if loop is not None and task is not None and not loop.is_closed():
             loop.call_soon_threadsafe(task.cancel)  # again on a second signal: main's cleanup is cut short too
 
-    def _force(self, sig: signal.Signals) -> None:
+    def _expire(self, sig: signal.Signals, deadline: float) -> None:
+        # The deadline bounds the whole stop, counted from the first signal: main that has not
+        # finished by then (it swallows CancelledError) is treated like a second signal.
+        if self.main_done.wait(deadline):
+            return
+        logger.error(
+            "poolkeeper: main did not stop within the %gs deadline after %s; force-closing everything now",
+            deadline,
+            sig.name,
+            extra={"poolkeeper_signal": sig.name},
+        )
+        self._force(sig, reason=f"within the {deadline:g}s deadline after {sig.name}")
+
+    def _force(self, sig: signal.Signals, reason: str | None = None) -> None:
         try:
             self._registry.force_close()  # the report is logged by the registry
         except Exception:
@@ -84,9 +103,9 @@ class _Stopper:
         # Cancelled twice and still running: main swallows CancelledError. Like a second Ctrl-C
         # at a shell, the second signal ends the process; the registry is closed already.
         logger.error(
-            "poolkeeper: main did not stop on a second %s (does it swallow CancelledError?); "
+            "poolkeeper: main did not stop %s (does it swallow CancelledError?); "
             "the registry is closed, ending the process",
-            sig.name,
+            reason or f"on a second {sig.name}",
             extra={"poolkeeper_signal": sig.name},
         )
         logging.shutdown()  # os._exit skips the flushing done at a normal exit
@@ -152,13 +171,15 @@ def run(
     once ``main`` has finished, however it finished, the registry closes on the same loop within
     ``deadline``. A second signal force-closes everything at once, and if ``main`` has not
     finished 2 seconds later (it swallows ``CancelledError``), ends the process with exit code
-    128 + the signal number, the report logged. The replaced signal handlers are restored
-    before returning.
+    128 + the signal number, the report logged. With a ``deadline``, the same happens without a
+    second signal once ``deadline`` seconds have passed since the first one and ``main`` has
+    still not finished. The replaced signal handlers are restored before returning.
 
     Args:
         main: a coroutine function taking no argument.
         registry: the registry to close (default: :func:`poolkeeper.get_registry`).
         deadline: seconds the registry's shutdown may take; ``None``: the items' own timeouts.
+            Counted from the first signal, it also bounds how long ``main`` may take to stop.
         signals: the signals that stop ``main``; empty to handle none.
 
     Returns:
@@ -177,7 +198,7 @@ def run(
     seconds = check_timeout("deadline", deadline)
     wanted = check_signals("signals", signals)
     checked.check()
-    stopper = _Stopper(checked)
+    stopper = _Stopper(checked, seconds)
     interceptor = _Interceptor(
         wanted,
         stopper.react,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,12 +18,12 @@ from tests.programs.child import Child
 
 
 @pytest.fixture
-def spawn(pg_url: str, application_name: str) -> Iterator[Callable[[str], Child]]:
+def spawn(pg_url: str, application_name: str) -> Iterator[Callable[..., Child]]:
     """Start tests/programs/run_program.py in a mode; kills what is left at teardown."""
     children: list[Child] = []
 
-    def start(mode: str) -> Child:
-        child = Child("run_program.py", mode, pg_url, application_name)
+    def start(mode: str, *deadline: str) -> Child:
+        child = Child("run_program.py", mode, pg_url, application_name, *deadline)
         children.append(child)
         return child
 
@@ -174,4 +175,20 @@ def test_a_second_signal_ends_a_main_that_swallows_cancellation(spawn, server):
     assert "poolkeeper shutdown NOT ok" in child.output  # the report, logged before the end
     assert "forced" in child.output
     assert "did not stop on a second SIGTERM" in child.output + child.errors
+    assert server.settle(lambda: not server.backends())
+
+
+def test_the_deadline_ends_a_main_that_swallows_cancellation_after_one_signal(spawn, server):
+    """With a deadline, one SIGTERM is enough: main that swallows CancelledError is cut off when it ends."""
+    child = spawn("swallow", "1.5")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    signalled = time.monotonic()
+    child.send(signal.SIGTERM)
+    child.expect("main: cancelled, and carrying on")
+    assert child.wait(15) == 128 + signal.SIGTERM
+    # The deadline, then at most the 2 s main is given after the force-close, plus start-up slack.
+    assert time.monotonic() - signalled < 8
+    assert "poolkeeper shutdown NOT ok" in child.output
+    assert "did not stop within the 1.5s deadline after SIGTERM" in child.output + child.errors
     assert server.settle(lambda: not server.backends())

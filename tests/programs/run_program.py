@@ -1,11 +1,13 @@
 """A worker whose main is run by poolkeeper.run(), driven by tests/test_run.py.
 
-Usage: run_program.py MODE POSTGRES_URL APPLICATION_NAME
+Usage: run_program.py MODE POSTGRES_URL APPLICATION_NAME [DEADLINE]
 
 wait    main waits forever on an async engine; a signal stops it.
 force   the same, plus a task holding a connection running pg_sleep(60); drain_timeout 30 s.
 error   main raises.
 swallow main holds a connection and swallows every CancelledError: it never stops by itself.
+
+DEADLINE, when given, is run()'s deadline in seconds.
 """
 
 # ruff: noqa: T201 -- a test program talks to its test through stdout
@@ -21,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import poolkeeper
 
 mode, url, application_name = sys.argv[1:4]
+deadline = float(sys.argv[4]) if len(sys.argv) > 4 else None
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
 registry = poolkeeper.Registry(drain_timeout=30)
 holders: list[asyncio.Task[None]] = []  # a reference, so the holder task is not collected
@@ -61,4 +64,4 @@ async def main() -> None:
         raise
 
 
-sys.exit(poolkeeper.run(main, registry=registry))
+sys.exit(poolkeeper.run(main, registry=registry, deadline=deadline))
