@@ -77,6 +77,8 @@ Pool = ConnectionPool | AsyncConnectionPool
 #                                                   that door is Connection.connect
 #   Redis.single_connection_lock              sync 5.3+ (asyncio ._single_conn_lock 5.0+): before
 #                                                   5.3 the pinned connection is cut like any other
+#   Connection.is_connected                   sync 8.0+ (asyncio 5.0+); before, a sync connection
+#                                                   is connected while its _sock is set
 #   Connection._sock, asyncio Connection._writer, Retry._supported_errors   5.0+
 
 #: The redis-py versions this adapter is tested with.
@@ -86,6 +88,21 @@ _REDIS_VERSION = tuple(int(part) for part in redis.__version__.split(".")[:2] if
 
 # The method every reconnect goes through (sync and asyncio alike, in one redis-py version).
 _RECONNECT_DOOR = "connect_check_health" if hasattr(AbstractConnection, "connect_check_health") else "connect"
+
+
+if hasattr(AbstractConnection, "is_connected"):  # sync redis-py 8.0+
+
+    def _sync_is_connected(connection: Any) -> bool:
+        return bool(connection.is_connected)
+
+else:
+
+    def _sync_is_connected(connection: Any) -> bool:
+        return _innermost(connection)._sock is not None  # noqa: SLF001 -- set while connected
+
+
+def _async_is_connected(connection: Any) -> bool:
+    return bool(connection.is_connected)  # asyncio connections: 5.0+
 
 
 if _REDIS_VERSION >= (5, 3):
@@ -398,7 +415,8 @@ class RedisDriver(Driver):
 
     def idle_count(self) -> int:
         """Connected connections in the pool's free list (disconnected ones kept for reuse do not count)."""
-        return sum(1 for connection in _idle(self.pool) if connection.is_connected)
+        is_connected = _async_is_connected if self.is_async else _sync_is_connected
+        return sum(1 for connection in _idle(self.pool) if is_connected(connection))
 
     def _refuse_reconnect(self, *_args: Any, **_kwargs: Any) -> Any:
         raise self.keeper.refusal()
