@@ -17,7 +17,7 @@ redis-py reconnects silently: a command that meets a closed socket disconnects, 
 ``Retry`` backoff and reconnects, and ``ConnectionPool.disconnect()`` is followed by fresh
 connections. So a connection that is force-closed or closed by the keeper is first *sealed*:
 its ``connect_check_health`` (the one door every reconnect goes through, sync and async)
-raises the refusal. :class:`~poolkeeper.PoolClosedError` is not a ``redis.ConnectionError``,
+raises the refusal. The refusal (a ``redis.RedisError``) is not a ``redis.ConnectionError``,
 so no ``Retry`` retries it and the retry loop ends at its next attempt instead of reconnecting.
 """
 
