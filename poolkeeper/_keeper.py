@@ -19,13 +19,13 @@ from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_en
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._gc_safe_lock import GcSafeLock
 from poolkeeper._leak_watch import watch_for_leak
-from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from poolkeeper._report import ResourceReport
     from poolkeeper.adapters._base import Driver
+    from poolkeeper.errors import PoolClosedError
 
 __all__ = ["Keeper", "KeeperState"]
 
@@ -94,6 +94,8 @@ class Keeper:
         self._refused = 0
         #: What closing this keeper did, once it has closed (set by poolkeeper._shutdown).
         self.close_report: ResourceReport | None = None
+        #: Why the driver could not wake the library's queued checkouts, if it could not.
+        self.refuse_error: Exception | None = None
 
     # -- read-only surface ---------------------------------------------------------------
 
@@ -130,7 +132,11 @@ class Keeper:
     @property
     def idle(self) -> int | None:
         """How many physical connections sit idle in the pool now; ``None`` when the library does not say."""
-        return self._driver.idle_count()
+        try:
+            return self._driver.idle_count()
+        except Exception:  # a scrape must never fail: a library that changed under the adapter says "unknown"
+            logger.debug("poolkeeper %r: idle count unavailable", self._name, exc_info=True)
+            return None
 
     @property
     def refused(self) -> int:
@@ -168,7 +174,7 @@ class Keeper:
         # closing has started, so the checkout path never pays for it.
         with self._lock:
             self._refused += 1
-        return PoolClosedError(self._name, self._state.value)
+        return self._driver.refusal_class(self._name, self._state.value)
 
     @property
     def lending(self) -> bool:
@@ -309,7 +315,11 @@ class Keeper:
         """OPEN -> DRAINING and wake the library's queued waiters; False if already closing."""
         if not self._advance(KeeperState.DRAINING):
             return False
-        self._driver.refuse()
+        try:
+            self._driver.refuse()
+        except Exception as error:  # checkouts are refused anyway; the close report names the failure
+            logger.warning("poolkeeper %r: waking queued checkouts failed", self._name, exc_info=True)
+            self.refuse_error = error
         return True
 
     def request_force(self) -> None:

@@ -86,9 +86,41 @@ class ForceSwitch:
                 loop.call_soon_threadsafe(on_trip)
 
 
-def _error_text(error: BaseException, secrets: Sequence[str]) -> str:
+def _error_text(error: BaseException, secrets: Sequence[str] | None) -> str:
+    if secrets is None:  # the secrets could not be read: a message might show one, so only the type
+        return type(error).__name__
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return redact(text, secrets)
+
+
+def _driver_secrets(keeper: Keeper, errors: list[str] | None = None) -> tuple[str, ...] | None:
+    """``keeper.driver.secrets()``; ``None`` (and an entry in ``errors``) if the driver cannot read them."""
+    try:
+        return tuple(keeper.driver.secrets())
+    except Exception as error:  # a library that changed under the adapter must not stop the shutdown
+        logger.warning(
+            "poolkeeper %r: reading secrets failed",
+            keeper.name,
+            exc_info=True,
+            extra={"poolkeeper_keeper": keeper.name},
+        )
+        if errors is not None:
+            errors.append("secrets: " + _error_text(error, ()))
+        return None
+
+
+def _driver_target(keeper: Keeper, secrets: Sequence[str] | None, errors: list[str]) -> str | None:
+    """``keeper.driver.describe()``, redacted; ``None`` (and an entry in ``errors``) if it cannot be read."""
+    if secrets is None:
+        return None  # nothing could be scrubbed from it
+    try:
+        return redact(keeper.driver.describe(), secrets)
+    except Exception as error:  # same: reported, never raised
+        logger.warning(
+            "poolkeeper %r: describe failed", keeper.name, exc_info=True, extra={"poolkeeper_keeper": keeper.name}
+        )
+        errors.append("describe: " + _error_text(error, secrets))
+        return None
 
 
 def _reserve(item: Item, deadline_seconds: float | None) -> float:
@@ -130,21 +162,24 @@ async def _step(
         logger.warning(
             "poolkeeper %r: %s failed", keeper.name, what, exc_info=True, extra={"poolkeeper_keeper": keeper.name}
         )
-        errors.append(f"{what}: " + _error_text(error, keeper.driver.secrets()))
+        errors.append(f"{what}: " + _error_text(error, _driver_secrets(keeper)))
     return None
 
 
 async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) -> ResourceReport:
     """Drain, force and close one keeper; never raises (errors go into the report)."""
     driver = keeper.driver
-    secrets = driver.secrets()
-    target = redact(driver.describe(), secrets)
+    # Read before closing (a closed session may no longer say); a failure is reported, not raised.
+    errors: list[str] = []
+    target = _driver_target(keeper, _driver_secrets(keeper, errors), errors)
     started = time.monotonic()
     if keeper.state is KeeperState.CLOSED:
         # Closed before the registry got to it (asyncpg's own pool.close() runs this same
         # procedure): report what that close did, or "skipped" if it left no report.
         return keeper.close_report or ResourceReport(keeper.name, keeper.kind, "skipped", target=target)
     keeper.start_closing()
+    if keeper.refuse_error is not None:
+        errors.append("refuse: " + _error_text(keeper.refuse_error, _driver_secrets(keeper)))
 
     drain_until = started + keeper.drain_timeout
     if finish_by is not None:
@@ -156,7 +191,6 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     close_until = close_started + keeper.close_timeout
     if finish_by is not None:
         close_until = min(close_until, max(finish_by, close_started + _MIN_CLOSE_BUDGET))
-    errors: list[str] = []
     forced = 0
     leaks: tuple[object, ...] = ()
     # Cancelled past its grace (see _settle), a step still closes what it can, quickly, and
@@ -271,7 +305,7 @@ def _outcome(item: Item, task: asyncio.Task[ResourceReport]) -> ResourceReport:
     if exc is None:
         error = "cancelled before it finished closing"
     else:
-        error = _error_text(exc, item.driver.secrets() if isinstance(item, Keeper) else ())
+        error = _error_text(exc, _driver_secrets(item) if isinstance(item, Keeper) else ())
     return ResourceReport(item.name, item.kind, "failed", error=error)
 
 

@@ -4,6 +4,8 @@ The hierarchy::
 
     PoolkeeperError                      base of everything poolkeeper raises
     ├── PoolClosedError                  a checkout refused: the keeper is draining or closed
+    │   (each adapter raises a subclass that is also the library's own error for use after close:
+    │   asyncpg.InterfaceError, redis.RedisError, RuntimeError for aiohttp; see the adapter docs)
     ├── UnsupportedResourceError         wrap() got an object it cannot manage (also a TypeError)
     └── RegistrationError                a registration the registry refuses (also a ValueError)
 

@@ -26,7 +26,7 @@ import redis
 import redis.asyncio
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.faults import auntil
+from tests.faults import auntil, redis_default_backoff
 
 pytestmark = pytest.mark.asyncio
 
@@ -207,7 +207,7 @@ async def test_a_restart_during_the_drain_causes_no_reconnect_storm_and_refusal_
     refused_while_back = await refusals(command, 20)
     report = await closing
     elapsed = time.monotonic() - started
-    await auntil(lambda: bool(borrower_error), timeout=2.0)
+    await auntil(lambda: bool(borrower_error), timeout=2.0 + redis_default_backoff())  # its Retry's sleep first
 
     closed = time.monotonic()
     refused_after_close = await refusals(command, 20)

@@ -19,6 +19,9 @@ from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.test_redis_keeper import RedisServer, client_name, key, redis_server
 from tests.waiting import auntil
 
+# redis-py before 6.0 retries a command only on the errors named in retry_on_error; 6.0+ adds them to retry's.
+RETRIED = [redis.ConnectionError, redis.TimeoutError]
+
 __all__ = ["client_name", "key", "redis_server"]  # fixtures shared with the sync tests
 
 pytestmark = pytest.mark.asyncio
@@ -214,7 +217,7 @@ async def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(
     make_client, redis_server: RedisServer, key
 ):
     """A forced BLPOP on a client retrying for ever raises PoolClosedError promptly instead of reconnecting."""
-    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), -1))
+    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), -1), retry_on_error=RETRIED)
     registry = Registry(drain_timeout=0.3, close_timeout=5)
     registry.wrap(client, name="cache")
     borrower = asyncio.ensure_future(failure_time(client.blpop([key], 0)))
@@ -231,7 +234,7 @@ async def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(
 
 async def test_a_forced_pubsub_listener_errors_and_does_not_resubscribe(make_client, redis_server: RedisServer, key):
     """A task listening on a pubsub errors promptly at the deadline and its subscription is not replayed."""
-    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 5))
+    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 5), retry_on_error=RETRIED)
     registry = Registry(drain_timeout=0.3)
     registry.wrap(client, name="cache")
     pubsub = client.pubsub(ignore_subscribe_messages=True)

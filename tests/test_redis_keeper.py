@@ -22,6 +22,9 @@ from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
 from poolkeeper.adapters.redis import RedisDriver
 from tests.waiting import until
 
+# redis-py before 6.0 retries a command only on the errors named in retry_on_error; 6.0+ adds them to retry's.
+RETRIED = [redis.ConnectionError, redis.TimeoutError]
+
 
 class RedisServer:
     """A side connection to Redis that looks at the clients of one test (by their client name)."""
@@ -333,7 +336,7 @@ def test_force_close_errors_a_blocked_blpop_promptly_and_leaves_no_client(make_c
 
 def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(make_client, redis_server, key):
     """A forced BLPOP on a client retrying for ever raises PoolClosedError promptly instead of reconnecting."""
-    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), -1))
+    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), -1), retry_on_error=RETRIED)
     registry = Registry(drain_timeout=0.3, close_timeout=5)
     registry.wrap(client, name="cache")
     borrower = Borrower(lambda: client.blpop(key, 0))
@@ -352,7 +355,7 @@ def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(make_cl
 
 def test_a_forced_pubsub_listener_errors_and_does_not_resubscribe(make_client, redis_server, key):
     """A thread listening on a pubsub errors promptly at the deadline and its subscription is not replayed."""
-    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 5))
+    client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 5), retry_on_error=RETRIED)
     registry = Registry(drain_timeout=0.3)
     registry.wrap(client, name="cache")
     pubsub = client.pubsub(ignore_subscribe_messages=True)

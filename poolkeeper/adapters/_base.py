@@ -14,6 +14,7 @@ import abc
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
+from poolkeeper.errors import PoolClosedError, UnsupportedResourceError
 
 if TYPE_CHECKING:
     import asyncio
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
 
-__all__ = ["Driver", "run_blocking", "run_on_loop"]
+__all__ = ["Driver", "run_blocking", "run_on_loop", "unsupported_version"]
 
 
 class Driver(abc.ABC):
@@ -30,6 +31,9 @@ class Driver(abc.ABC):
 
     #: Short name of the library, shown as the keeper's ``kind``.
     kind: ClassVar[str]
+    #: What a refused checkout raises: a :class:`PoolClosedError` that is also the library's own
+    #: error for use after close, so that the application's existing ``except`` clauses catch it.
+    refusal_class: ClassVar[type[PoolClosedError]] = PoolClosedError
 
     def __init__(self, resource: Any) -> None:
         self.resource = resource
@@ -98,3 +102,16 @@ class Driver(abc.ABC):
     def secrets(self) -> tuple[str, ...]:
         """Literal secrets (passwords, tokens) that must be scrubbed from any text shown."""
         return ()
+
+
+def unsupported_version(
+    library: str, installed: str, supported: str, missing: Sequence[str]
+) -> UnsupportedResourceError:
+    """The error ``wrap()`` raises when the installed ``library`` lacks internals the adapter needs.
+
+    Raised at wrap time, so that nothing in a shutdown ever meets a missing name.
+    """
+    return UnsupportedResourceError(
+        f"poolkeeper cannot wrap this {library} object: the installed {library} {installed} lacks "
+        f"{', '.join(missing)}; poolkeeper supports {library} {supported}"
+    )

@@ -34,23 +34,103 @@ import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import BasicAuth, ClientConnectionError, ClientResponse, ClientSession, WSMessage, WSMsgType, hdrs
+from aiohttp.connector import Connection
 from yarl import URL
 
 from poolkeeper._concurrency import run_on_loop
-from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
 
-    from aiohttp.connector import Connection
-
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
 
-__all__ = ["AiohttpDriver", "make_driver"]
+__all__ = ["AiohttpDriver", "AiohttpPoolClosedError", "make_driver"]
 
 _CANCEL_MESSAGE = "poolkeeper force-close"
+
+# -- what this adapter reads from aiohttp, per version line ----------------------------------
+# Every name below is private: aiohttp offers no public accessor for it. Class-level names are
+# resolved here, at import; the connector's instance attributes when a session is wrapped. A
+# missing one makes wrap() raise UnsupportedResourceError, never a shutdown fail halfway.
+#
+#   ClientSession._request              3.9+  the coroutine every request goes through; looked up
+#                                             on the class at each request, so that a patch made
+#                                             after wrapping (mock.patch, aioresponses) applies
+#   ClientSession._loop, ._base_url,    3.9+  (listed in ClientSession.ATTRS)
+#     ._request_class                         the request class, swapped for a subclass whose
+#                                             send() records the connection a request is sent on
+#   ClientRequest.send                  3.9+  (called by that subclass)
+#   ResponseHandler._payload            3.9+  a websocket's message queue, where a force-close
+#                                             queues its error for the receiver: a
+#                                             FlowControlDataQueue before 3.11, then a
+#                                             WebSocketDataQueue (looked up with getattr: a
+#                                             missing one only loses the error's text)
+#   ClientSession._default_proxy,       3.11+ the session-wide proxy; before 3.11 a session has no
+#     ._default_proxy_auth                    proxy of its own, so there are no proxy credentials
+#   ClientResponse._connection, ._closed 3.9+ (class-level defaults)
+#   Connection.add_callback, .transport 3.9+
+#   BaseConnector._acquired, ._conns    3.9+  (instance attributes: checked at wrap time)
+
+#: The aiohttp versions this adapter is tested with.
+SUPPORTED_VERSIONS = ">=3.9.5"
+
+_SESSION_NAMES = ("_loop", "_base_url", "_request_class")
+_PROXY_NAMES = ("_default_proxy", "_default_proxy_auth")
+_CONNECTOR_NAMES = ("_acquired", "_conns")
+# The class of a websocket's message queue: FlowControlDataQueue (3.9, 3.10), WebSocketDataQueue (3.11+).
+_WEBSOCKET_QUEUES = frozenset({"FlowControlDataQueue", "WebSocketDataQueue"})
+# The attribute names a session may have (3.9+); aiohttp's debug mode warns about any other.
+_SESSION_ATTRS: frozenset[str] = getattr(ClientSession, "ATTRS", frozenset())
+_CLASS_NAMES = (
+    (ClientSession, "_request"),
+    (ClientResponse, "_connection"),
+    (ClientResponse, "_closed"),
+    (Connection, "add_callback"),
+    (Connection, "transport"),
+)
+
+if set(_PROXY_NAMES) <= _SESSION_ATTRS:  # aiohttp 3.11+
+
+    def _session_proxy(session: ClientSession) -> tuple[Any, Any]:
+        """The session-wide proxy URL and its ``BasicAuth`` (``None`` when unset)."""
+        return session._default_proxy, session._default_proxy_auth  # noqa: SLF001 -- no public accessor
+
+else:  # aiohttp 3.9, 3.10: proxies are per request only
+
+    def _session_proxy(session: ClientSession) -> tuple[Any, Any]:  # noqa: ARG001 -- same signature as on 3.11+
+        """No session-wide proxy before aiohttp 3.11."""
+        return None, None
+
+
+def _missing_names(session: ClientSession) -> list[str]:
+    """The private names this adapter needs that the installed aiohttp (or this session) lacks."""
+    missing = [f"ClientSession.{name}" for name in _SESSION_NAMES if name not in _SESSION_ATTRS]
+    missing += [f"{cls.__name__}.{name}" for cls, name in _CLASS_NAMES if not hasattr(cls, name)]
+    connector = session.connector
+    if connector is not None:
+        missing += [f"{type(connector).__name__}.{name}" for name in _CONNECTOR_NAMES if not hasattr(connector, name)]
+    return missing
+
+
+def _library_request(session: ClientSession) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """``session._request`` as the class has it now, bound as normal attribute lookup would bind it.
+
+    Read at each request: the instance attribute holding the guard shadows the class's, and a
+    mock patched onto the class after wrapping must still be what runs. A plain mock is not a
+    descriptor: like an unwrapped session, it is called without the session.
+    """
+    attribute = type(session)._request  # noqa: SLF001 -- see the table above
+    bind = getattr(type(attribute), "__get__", None)
+    return attribute if bind is None else bind(attribute, session, type(session))
+
+
+class AiohttpPoolClosedError(PoolClosedError, RuntimeError):
+    """A request refused by a closing keeper; a ``RuntimeError``, what aiohttp raises on a closed session."""
 
 
 class _InFlight:
@@ -131,7 +211,7 @@ def _tell_websocket(connection: Connection, error: ClientConnectionError) -> Non
     """
     protocol = connection.protocol
     queue = getattr(protocol, "_payload", None)  # the websocket's message queue once upgraded
-    if type(queue).__name__ == "WebSocketDataQueue":
+    if type(queue).__name__ in _WEBSOCKET_QUEUES:
         queue.feed_data(WSMessage(WSMsgType.ERROR, error, None), 0)  # type: ignore[union-attr]
 
 
@@ -168,7 +248,6 @@ def _withdraw_cancel(task: asyncio.Task[Any] | None, cancelled_at: int) -> bool:
 
 def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[..., Coroutine[Any, Any, Any]]:
     """The ``_request`` of ``session``'s class, wrapped in the keeper's borrow accounting."""
-    library_request = type(session)._request  # noqa: SLF001 -- the one coroutine every request goes through
     keeper = driver.keeper
     checkin = keeper.checkin
 
@@ -180,7 +259,7 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
             raise keeper.refusal()
         token = _in_flight.set(request)
         try:
-            response = await library_request(session, method, str_or_url, **kwargs)
+            response: ClientResponse = await _library_request(session)(method, str_or_url, **kwargs)
         except BaseException as error:
             request.task = request.sending = None
             checkin(request)
@@ -195,7 +274,8 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
             response.close()
             checkin(request)
             raise _forced_error(keeper.name)
-        connection = response._connection  # noqa: SLF001 -- None once aiohttp gave it back
+        # None once aiohttp gave it back; not a ClientResponse: a mock answered, no connection was used.
+        connection = response._connection if isinstance(response, ClientResponse) else None  # noqa: SLF001
         if connection is None:  # the body was complete on arrival: already back in the pool
             checkin(request)
         else:
@@ -211,6 +291,7 @@ class AiohttpDriver(Driver):
     """Keeps one ``aiohttp.ClientSession``."""
 
     kind = "aiohttp"
+    refusal_class = AiohttpPoolClosedError
 
     def __init__(self, session: ClientSession) -> None:
         super().__init__(session)
@@ -232,11 +313,12 @@ class AiohttpDriver(Driver):
         """Passwords of the session's auth, proxy auth, base and proxy URLs, and its Authorization headers."""
         session = self.session
         found: list[str] = []
-        for auth in (session.auth, session._default_proxy_auth):  # noqa: SLF001 -- proxy auth has no accessor
+        proxy, proxy_auth = _session_proxy(session)
+        for auth in (session.auth, proxy_auth):
             if isinstance(auth, BasicAuth):
                 header = auth.encode()  # "Basic <base64>", as sent
                 found += [header, header.partition(" ")[2], auth.password]
-        for url in (session._base_url, session._default_proxy):  # noqa: SLF001 -- no public accessors
+        for url in (session._base_url, proxy):  # noqa: SLF001 -- no public accessor
             if url is not None:
                 found.append(URL(url).password or "")
         for name in (hdrs.AUTHORIZATION, hdrs.PROXY_AUTHORIZATION):
@@ -325,7 +407,14 @@ class AiohttpDriver(Driver):
 
 
 def make_driver(resource: Any) -> AiohttpDriver:
-    """The driver for an ``aiohttp.ClientSession``."""
+    """The driver for an ``aiohttp.ClientSession``.
+
+    Raises:
+        UnsupportedResourceError: the installed aiohttp lacks a name this adapter needs.
+    """
     if not isinstance(resource, ClientSession):
         raise TypeError(f"expected an aiohttp ClientSession, got {type(resource).__qualname__}")
+    missing = _missing_names(resource)
+    if missing:
+        raise unsupported_version("aiohttp", aiohttp.__version__, SUPPORTED_VERSIONS, missing)
     return AiohttpDriver(resource)

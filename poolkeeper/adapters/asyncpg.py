@@ -42,8 +42,8 @@ from poolkeeper._redact import redact
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
-from poolkeeper.adapters._base import Driver
-from poolkeeper.errors import RegistrationError
+from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -55,9 +55,68 @@ if TYPE_CHECKING:
     # A cancel request with its backend key bound, sent when called with loop=the loop to send it on.
     CancelRequest: TypeAlias = Callable[..., Coroutine[Any, Any, None]]
 
-__all__ = ["AsyncpgDriver", "make_driver"]
+__all__ = ["AsyncpgDriver", "AsyncpgPoolClosedError", "make_driver"]
 
 logger = logging.getLogger("poolkeeper.asyncpg")
+
+# -- what this adapter reads from asyncpg, per version line -----------------------------------
+# asyncpg has no public hooks for any of this. Resolved once: at import what depends on the
+# version, at wrap time the check that every name is there (the classes use __slots__, so a
+# slot shows as a class attribute). A missing name makes wrap() raise UnsupportedResourceError.
+#
+#   Pool._check_init, ._async__init__           0.29+  overridden on the guarded class; the
+#                                                      library's own reached through super() at
+#                                                      each call, so a later class patch applies
+#   Pool._schedule_min_size_maintenance,        0.32+  min_size upkeep: overridden so that it does
+#     ._maintenance_task                               not reconnect once closing started, its task
+#                                                      cancelled at close; before 0.32 a pool never
+#                                                      reconnects by itself, nothing to stop
+#   Pool._closed, ._closing, ._initialized,     0.29+
+#     ._queue, ._holders, ._loop, ._connect_args,
+#     ._connect_kwargs, ._get_new_connection
+#   PoolConnectionHolder._con, ._in_use         0.29+
+#   Connection._pool_release_ctr, ._protocol,   0.29+
+#     ._addr, ._params
+#   connect_utils._cancel(loop, addr, params,   0.29+  the cancel request Connection._cancel sends
+#     backend_pid, backend_secret)
+
+#: The asyncpg versions this adapter is tested with.
+SUPPORTED_VERSIONS = ">=0.29.0"
+
+_HAS_MIN_SIZE_MAINTENANCE = hasattr(asyncpg.Pool, "_schedule_min_size_maintenance")  # asyncpg 0.32+
+
+_REQUIRED: tuple[tuple[Any, str], ...] = (
+    *(
+        (asyncpg.Pool, name)
+        for name in (
+            "_check_init",
+            "_async__init__",
+            "_closed",
+            "_closing",
+            "_initialized",
+            "_queue",
+            "_holders",
+            "_loop",
+            "_connect_args",
+            "_connect_kwargs",
+            "_get_new_connection",
+        )
+    ),
+    *((asyncpg.Pool, name) for name in (("_maintenance_task",) if _HAS_MIN_SIZE_MAINTENANCE else ())),
+    *((asyncpg.pool.PoolConnectionHolder, name) for name in ("_con", "_in_use")),
+    *((asyncpg.connection.Connection, name) for name in ("_pool_release_ctr", "_protocol", "_addr", "_params")),
+    (connect_utils, "_cancel"),
+)
+
+
+def _missing_names() -> list[str]:
+    """The names this adapter needs that the installed asyncpg lacks."""
+    return [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in _REQUIRED if not hasattr(owner, name)]
+
+
+class AsyncpgPoolClosedError(PoolClosedError, asyncpg.InterfaceError):  # type: ignore[misc]  # asyncpg ships no types
+    """A checkout refused by a closing keeper; an ``asyncpg.InterfaceError``, as asyncpg's "pool is closed"."""
+
 
 # A cancel request is one short-lived connection to the server: milliseconds on a healthy
 # network. Even with no time left, it gets this long before the connection is cut anyway.
@@ -144,25 +203,33 @@ def _check_init(pool: Any) -> None:
         keeper = pool._pk_driver.keeper  # noqa: SLF001 -- set on the guarded class
         if pool._closed and not keeper.lending:  # noqa: SLF001
             raise keeper.refusal()
-        pool._pk_library_check_init()  # noqa: SLF001 -- the library's own messages otherwise
+        super(type(pool), pool)._check_init()  # the library's own messages otherwise
 
 
 async def _async_init(pool: Any) -> Any:
     driver: AsyncpgDriver = pool._pk_driver  # noqa: SLF001
     if not pool._initialized:  # noqa: SLF001
         driver.keeper.admit()  # no connection is opened once closing has started
-    await pool._pk_library_async_init()  # noqa: SLF001 -- the library's own _async__init__()
+    await super(type(pool), pool)._async__init__()
     driver.guard_queue()  # a pool wrapped before it was initialized has its queue only now
     return pool
 
 
 def _schedule_min_size_maintenance(pool: Any) -> None:
-    # asyncpg reconnects up to min_size whenever a connection closes; not once closing started.
+    # asyncpg 0.32+ reconnects up to min_size whenever a connection closes; not once closing started.
     if pool._pk_driver.keeper.lending:  # noqa: SLF001
-        pool._pk_library_schedule_maintenance()  # noqa: SLF001
+        super(type(pool), pool)._schedule_min_size_maintenance()
+
+
+def _is_closing(pool: Any) -> bool:
+    # As asyncpg says while its own close() waits: true from the start of closing.
+    return bool(pool._closed or pool._closing or not pool._pk_driver.keeper.lending)  # noqa: SLF001
 
 
 async def _close(pool: Any) -> None:
+    if pool._closed:  # noqa: SLF001 -- as asyncpg: closing a closed pool does nothing
+        return
+    pool._check_init()  # noqa: SLF001 -- as asyncpg: a pool never initialized raises InterfaceError
     await pool._pk_driver.close_pool()  # noqa: SLF001
 
 
@@ -177,24 +244,20 @@ def _guarded_pool_class(cls: type[Any], driver: AsyncpgDriver) -> type[Any]:
     it lives on this one-pool class instead, which adds no slot: ``__class__`` assignment
     needs the same layout.
     """
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__slots__": (),
-            "__module__": __name__,
-            "__qualname__": cls.__qualname__,
-            "_pk_driver": driver,
-            "_check_init": _check_init,
-            "_async__init__": _async_init,
-            "_schedule_min_size_maintenance": _schedule_min_size_maintenance,
-            "close": _close,
-            "terminate": _terminate,
-            "_pk_library_check_init": cls._check_init,
-            "_pk_library_async_init": cls._async__init__,
-            "_pk_library_schedule_maintenance": cls._schedule_min_size_maintenance,
-        },
-    )
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "__module__": __name__,
+        "__qualname__": cls.__qualname__,
+        "_pk_driver": driver,
+        "_check_init": _check_init,
+        "_async__init__": _async_init,
+        "is_closing": _is_closing,
+        "close": _close,
+        "terminate": _terminate,
+    }
+    if _HAS_MIN_SIZE_MAINTENANCE:
+        namespace["_schedule_min_size_maintenance"] = _schedule_min_size_maintenance
+    return type(cls.__name__, (cls,), namespace)
 
 
 # -- aborting connections -----------------------------------------------------------------------
@@ -321,6 +384,7 @@ class AsyncpgDriver(Driver):
     """Keeps one ``asyncpg.Pool``."""
 
     kind = "asyncpg"
+    refusal_class = AsyncpgPoolClosedError
 
     def __init__(self, pool: Any) -> None:
         super().__init__(pool)
@@ -485,6 +549,8 @@ class AsyncpgDriver(Driver):
         self._terminate_all()
 
     def _stop_maintenance(self) -> None:
+        if not _HAS_MIN_SIZE_MAINTENANCE:  # before 0.32 no task keeps min_size
+            return
         pool = self.pool
         task, pool._maintenance_task = pool._maintenance_task, None  # noqa: SLF001
         if task is not None:
@@ -593,7 +659,14 @@ def _log_own_close(report: ResourceReport, how: str) -> None:
 
 
 def make_driver(resource: Any) -> AsyncpgDriver:
-    """The driver for an ``asyncpg.Pool``."""
+    """The driver for an ``asyncpg.Pool``.
+
+    Raises:
+        UnsupportedResourceError: the installed asyncpg lacks a name this adapter needs.
+    """
     if not isinstance(resource, asyncpg.Pool):
         raise TypeError(f"expected an asyncpg Pool, got {type(resource).__qualname__}")
+    missing = _missing_names()
+    if missing:
+        raise unsupported_version("asyncpg", asyncpg.__version__, SUPPORTED_VERSIONS, missing)
     return AsyncpgDriver(resource)

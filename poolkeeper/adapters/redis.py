@@ -17,7 +17,7 @@ redis-py reconnects silently: a command that meets a closed socket disconnects, 
 ``Retry`` backoff and reconnects, and ``ConnectionPool.disconnect()`` is followed by fresh
 connections. So a connection that is force-closed or closed by the keeper is first *sealed*:
 its ``connect_check_health`` (the one door every reconnect goes through, sync and async)
-raises the refusal. :class:`~poolkeeper.PoolClosedError` is not a ``redis.ConnectionError``,
+raises the refusal. The refusal (a ``redis.RedisError``) is not a ``redis.ConnectionError``,
 so no ``Retry`` retries it and the retry loop ends at its next attempt instead of reconnecting.
 """
 
@@ -30,16 +30,18 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
+import redis
 from redis.asyncio.connection import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio.connection import ConnectionPool as AsyncConnectionPool
 from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
 from redis.client import Redis
-from redis.connection import BlockingConnectionPool, ConnectionPool, SSLConnection
+from redis.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool, SSLConnection
+from redis.exceptions import RedisError
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._grammar import with_article
 from poolkeeper.adapters._abort import shutdown_socket
-from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._base import Driver, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
@@ -48,11 +50,80 @@ if TYPE_CHECKING:
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
 
-__all__ = ["RedisDriver", "make_driver"]
+__all__ = ["RedisDriver", "RedisPoolClosedError", "make_driver"]
 
 logger = logging.getLogger("poolkeeper.redis")
 
 Pool = ConnectionPool | AsyncConnectionPool
+
+# -- what this adapter reads from redis-py, per version line --------------------------------
+# Resolved once: at import for what depends on the redis-py version, at wrap time for what
+# depends on the pool (its class, its instance attributes). A missing name makes wrap() raise
+# UnsupportedResourceError; nothing in a shutdown looks a name up by chance.
+#
+#   ConnectionPool.get_connection, .release   5.0+  public; the guarded class calls the library's
+#                                                   through super() at each call, so that a patch
+#                                                   of the class made after wrapping applies
+#   asyncio ConnectionPool.can_get_connection 5.0+  the predicate BlockingConnectionPool waiters re-check
+#   asyncio BlockingConnectionPool._condition 5.0+  what its waiters wait on
+#   BlockingConnectionPool.pool               5.0+  its queue.Queue of connections
+#   ConnectionPool._get_free_connections,     sync 7.0+, asyncio 8.1+: the library's own views of
+#     ._get_in_use_connections                its connections (taken under its lock); before, read
+#                                             from _available_connections and _in_use_connections
+#                                             (sync BlockingConnectionPool: pool.queue and
+#                                             _connections), which every version 5.0+ has
+#   Connection.connect_check_health           6.0+  the one door every reconnect goes through,
+#                                                   sealed when a connection is closed; before 6.0
+#                                                   that door is Connection.connect
+#   Redis.single_connection_lock              sync 5.3+ (asyncio ._single_conn_lock 5.0+): before
+#                                                   5.3 the pinned connection is cut like any other
+#   Connection.is_connected                   sync 8.0+ (asyncio 5.0+); before, a sync connection
+#                                                   is connected while its _sock is set
+#   Connection._sock, asyncio Connection._writer, Retry._supported_errors   5.0+
+
+#: The redis-py versions this adapter is tested with.
+SUPPORTED_VERSIONS = ">=5.0.8"
+
+_REDIS_VERSION = tuple(int(part) for part in redis.__version__.split(".")[:2] if part.isdigit())
+
+# The method every reconnect goes through (sync and asyncio alike, in one redis-py version).
+_RECONNECT_DOOR = "connect_check_health" if hasattr(AbstractConnection, "connect_check_health") else "connect"
+
+
+if hasattr(AbstractConnection, "is_connected"):  # sync redis-py 8.0+
+
+    def _sync_is_connected(connection: Any) -> bool:
+        return bool(connection.is_connected)
+
+else:
+
+    def _sync_is_connected(connection: Any) -> bool:
+        return _innermost(connection)._sock is not None  # noqa: SLF001 -- set while connected
+
+
+def _async_is_connected(connection: Any) -> bool:
+    return bool(connection.is_connected)  # asyncio connections: 5.0+
+
+
+if _REDIS_VERSION >= (5, 3):
+
+    def _pinned_lock(client: Any) -> Any:
+        """The lock a sync single-connection client holds while a command uses its connection."""
+        return getattr(client, "single_connection_lock", None)
+
+else:  # before 5.3 redis-py takes no lock: such a client is used from one thread at a time
+
+    def _pinned_lock(client: Any) -> Any:  # noqa: ARG001 -- same signature as on 5.3+
+        """A lock of its own: nothing else takes it, so the pinned connection is always free."""
+        return threading.Lock()
+
+
+class RedisPoolClosedError(PoolClosedError, RedisError):
+    """A command refused by a closing keeper; a ``redis.RedisError``.
+
+    Not a ``redis.ConnectionError``: redis-py's ``Retry`` retries those, and a refusal must
+    end the command, not be retried (for ever, with ``retries=-1``).
+    """
 
 
 # -- the guarded pool class ----------------------------------------------------------------------
@@ -60,12 +131,19 @@ Pool = ConnectionPool | AsyncConnectionPool
 # one call deep, reads no properties and makes no super() object.
 
 
+# The library's own methods are reached through super() at each call rather than saved when
+# the class is made: a patch of ConnectionPool.get_connection made after wrapping (mock.patch)
+# is then what runs, as it would for an unwrapped pool. The guarded class is always the pool's
+# exact class, so super(type(pool), pool) is the library's class.
+
+
 def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
     keeper.admit()
-    connection = pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    library: Any = super(type(pool), pool)
+    connection = library.get_connection(*args, **options)
     if not keeper.lend(connection):
-        pool._pk_library_release(connection)  # noqa: SLF001
+        library.release(connection)
         raise keeper.refusal()
     return connection
 
@@ -73,7 +151,7 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
 def _release(pool: Any, connection: Any) -> None:
     # Back in the pool first: the return may wake the closer, which then closes idle connections.
     try:
-        pool._pk_library_release(connection)  # noqa: SLF001 -- the pool class's own release()
+        super(type(pool), pool).release(connection)
     finally:
         pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
@@ -81,9 +159,10 @@ def _release(pool: Any, connection: Any) -> None:
 async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
     keeper.admit()
-    connection = await pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    library: Any = super(type(pool), pool)
+    connection = await library.get_connection(*args, **options)
     if not keeper.lend(connection):
-        await pool._pk_library_release(connection)  # noqa: SLF001
+        await library.release(connection)
         raise keeper.refusal()
     pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
     return connection
@@ -91,7 +170,7 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
 
 async def _release_async(pool: Any, connection: Any) -> None:
     try:
-        await pool._pk_library_release(connection)  # noqa: SLF001 -- the pool class's own release()
+        await super(type(pool), pool).release(connection)
     finally:
         pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
@@ -100,7 +179,7 @@ def _can_get_connection(pool: Any) -> bool:
     # The predicate asyncio BlockingConnectionPool's waiters re-check when notified: raising here
     # makes a woken waiter fail with the refusal before it takes or makes a connection.
     pool._pk_keeper.admit()  # noqa: SLF001
-    return bool(pool._pk_library_can_get())  # noqa: SLF001
+    return bool(super(type(pool), pool).can_get_connection())
 
 
 _guarded_classes: dict[type[Any], type[Any]] = {}
@@ -115,17 +194,11 @@ def _guarded_class(cls: type[Any]) -> type[Any]:
     """
     with _guarded_lock:
         if cls not in _guarded_classes:
-            namespace: dict[str, Any] = {
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "_pk_library_get": cls.get_connection,
-                "_pk_library_release": cls.release,
-            }
+            namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
             if issubclass(cls, AsyncConnectionPool):
                 namespace["get_connection"] = _get_connection_async
                 namespace["release"] = _release_async
                 namespace["can_get_connection"] = _can_get_connection
-                namespace["_pk_library_can_get"] = cls.can_get_connection
             else:
                 namespace["get_connection"] = _get_connection
                 namespace["release"] = _release
@@ -184,9 +257,9 @@ def _seal(connection: Any, refuse: Callable[..., Any]) -> None:
     """Make every (re)connect of ``connection`` raise the refusal (sync and asyncio alike).
 
     An instance attribute shadows the class's method: every reconnect path of redis-py, from
-    ``send_command`` to the pubsub's resubscribe, goes through ``connect_check_health``.
+    ``send_command`` to the pubsub's resubscribe, goes through ``_RECONNECT_DOOR``.
     """
-    _innermost(connection).connect_check_health = refuse
+    setattr(_innermost(connection), _RECONNECT_DOOR, refuse)
 
 
 def _socket_fd(connection: Any) -> int | None:
@@ -230,18 +303,88 @@ def _connections(pool: Pool) -> list[Any]:
 
 
 def _idle(pool: Pool) -> list[Any]:
-    # Each pool class's own view: lists, sets or the BlockingConnectionPool's queue of slots.
-    return [connection for connection in pool._get_free_connections() if connection is not None]  # noqa: SLF001
+    return [connection for connection in _views(type(pool))[0](pool) if connection is not None]
 
 
 def _in_use(pool: Pool) -> list[Any]:
-    return list(pool._get_in_use_connections())  # noqa: SLF001
+    return list(_views(type(pool))[1](pool))
+
+
+# -- the pool's connections, per version line (see the table at the top) ---------------------
+
+View = tuple["Callable[[Any], Iterable[Any]]", "Callable[[Any], Iterable[Any]]"]
+
+
+def _library_free(pool: Any) -> Iterable[Any]:
+    return pool._get_free_connections()  # type: ignore[no-any-return]  # noqa: SLF001 -- sync 7.0+, asyncio 8.1+
+
+
+def _library_in_use(pool: Any) -> Iterable[Any]:
+    return pool._get_in_use_connections()  # type: ignore[no-any-return]  # noqa: SLF001
+
+
+def _listed_free(pool: Any) -> Iterable[Any]:
+    return list(pool._available_connections)  # noqa: SLF001 -- every ConnectionPool, 5.0+
+
+
+def _listed_in_use(pool: Any) -> Iterable[Any]:
+    return list(pool._in_use_connections)  # noqa: SLF001
+
+
+def _queued_free(pool: Any) -> Iterable[Any]:
+    return list(pool.pool.queue)  # the sync BlockingConnectionPool's slots (None: not made yet), 5.0+
+
+
+def _queued_in_use(pool: Any) -> Iterable[Any]:
+    free = {id(connection) for connection in _queued_free(pool)}
+    return [connection for connection in list(pool._connections) if id(connection) not in free]  # noqa: SLF001
+
+
+_LIBRARY_VIEW: View = (_library_free, _library_in_use)
+_LISTED_VIEW: View = (_listed_free, _listed_in_use)
+_QUEUED_VIEW: View = (_queued_free, _queued_in_use)
+
+
+def _views(cls: type[Any]) -> View:
+    """How to list the idle and the in-use connections of a pool of class ``cls``."""
+    if hasattr(cls, "_get_free_connections") and hasattr(cls, "_get_in_use_connections"):
+        return _LIBRARY_VIEW
+    if issubclass(cls, BlockingConnectionPool):
+        return _QUEUED_VIEW
+    return _LISTED_VIEW
+
+
+def _view_names(pool: Any) -> tuple[str, ...]:
+    """The instance attributes the view of ``pool`` reads (none: the library's own methods)."""
+    view = _views(type(pool))
+    if view is _QUEUED_VIEW:
+        return ("pool", "_connections")
+    if view is _LISTED_VIEW:
+        return ("_available_connections", "_in_use_connections")
+    return ()
+
+
+def _missing_names(pool: Any) -> list[str]:
+    """The names this adapter needs that the installed redis-py (or this pool) lacks."""
+    cls = type(pool)
+    missing = [f"{cls.__name__}.{name}" for name in _view_names(pool) if not hasattr(pool, name)]
+    if isinstance(pool, AsyncConnectionPool) and not hasattr(cls, "can_get_connection"):
+        missing.append(f"{cls.__name__}.can_get_connection")
+    if isinstance(pool, AsyncBlockingConnectionPool) and not hasattr(pool, "_condition"):
+        missing.append(f"{cls.__name__}._condition")
+    connection_class = getattr(pool, "connection_class", None)
+    if connection_class is None:
+        missing.append(f"{cls.__name__}.connection_class")
+    elif not hasattr(connection_class, _RECONNECT_DOOR):
+        missing.append(f"{connection_class.__name__}.{_RECONNECT_DOOR}")
+    return missing
 
 
 class RedisDriver(Driver):
     """Keeps the connection pool of one redis-py client (sync or asyncio)."""
 
     kind = "redis"
+    refusal_class = RedisPoolClosedError
 
     def __init__(self, resource: Any, pool: Pool) -> None:
         super().__init__(resource)
@@ -272,7 +415,8 @@ class RedisDriver(Driver):
 
     def idle_count(self) -> int:
         """Connected connections in the pool's free list (disconnected ones kept for reuse do not count)."""
-        return sum(1 for connection in _idle(self.pool) if connection.is_connected)
+        is_connected = _async_is_connected if self.is_async else _sync_is_connected
+        return sum(1 for connection in _idle(self.pool) if is_connected(connection))
 
     def _refuse_reconnect(self, *_args: Any, **_kwargs: Any) -> Any:
         raise self.keeper.refusal()
@@ -331,10 +475,10 @@ class RedisDriver(Driver):
             self.pool.__dict__.pop(attribute, None)
 
     def _warn_if_refusal_is_retried(self) -> None:
-        retried = [error for error in _retried_errors(self.pool) if issubclass(PoolClosedError, error)]
+        retried = [error for error in _retried_errors(self.pool) if issubclass(self.refusal_class, error)]
         if retried:
             logger.warning(
-                "poolkeeper %r: this client retries %s, which includes poolkeeper.PoolClosedError: once "
+                "poolkeeper %r: this client retries %s, which includes poolkeeper's refusal (a redis.RedisError): once "
                 "the keeper closes, a refused command is retried (for ever with retries=-1) instead of "
                 "failing; retry redis.ConnectionError and redis.TimeoutError only",
                 self.keeper.name,
@@ -413,7 +557,7 @@ class RedisDriver(Driver):
 
     def _close_pinned(self) -> None:
         connection = getattr(self.resource, "connection", None)
-        lock = getattr(self.resource, "single_connection_lock", None)
+        lock = _pinned_lock(self.resource)
         if connection is None or lock is None or not lock.acquire(blocking=False):
             return
         try:
@@ -447,7 +591,11 @@ async def _disconnect_all(connections: Iterable[Any]) -> None:
 
 
 def make_driver(resource: Any) -> RedisDriver:
-    """The driver for a ``redis.Redis`` or ``redis.asyncio.Redis`` client (it keeps the client's pool)."""
+    """The driver for a ``redis.Redis`` or ``redis.asyncio.Redis`` client (it keeps the client's pool).
+
+    Raises:
+        UnsupportedResourceError: the installed redis-py lacks a name this adapter needs.
+    """
     pool = getattr(resource, "connection_pool", None)
     if not isinstance(pool, (ConnectionPool, AsyncConnectionPool)):
         kind = "redis.Redis" if isinstance(resource, Redis) else "redis.asyncio.Redis"
@@ -455,4 +603,7 @@ def make_driver(resource: Any) -> RedisDriver:
             f"expected {with_article(kind)} with a redis-py connection pool, "
             f"got a pool of type {type(pool).__qualname__}"
         )
+    missing = _missing_names(pool)
+    if missing:
+        raise unsupported_version("redis-py", redis.__version__, SUPPORTED_VERSIONS, missing)
     return RedisDriver(resource, pool)

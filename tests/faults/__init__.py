@@ -17,7 +17,28 @@ from pathlib import Path
 from tests.faults.proxy import BlackholeProxy
 from tests.waiting import auntil, until
 
-__all__ = ["BlackholeProxy", "ThreadWatch", "auntil", "local_ports_to", "sockets_to", "until"]
+__all__ = [
+    "BlackholeProxy",
+    "ThreadWatch",
+    "auntil",
+    "local_ports_to",
+    "redis_default_backoff",
+    "sockets_to",
+    "until",
+]
+
+
+def redis_default_backoff() -> float:
+    """The longest sleep of the installed redis-py's default ``Retry`` between two attempts.
+
+    redis-py 6.0 to 7.x back off with base 1 s and cap 10 s, jittered: up to 8 s before the third
+    retry, and a force-closed borrower meets the refusal only after its sleep. redis-py 8 backs
+    off at most 0.512 s (within the suite's slack); before 6.0 nothing is retried by default.
+    """
+    import redis  # noqa: PLC0415 -- the helpers of the other suites need no redis
+
+    version = tuple(int(part) for part in redis.__version__.split(".")[:2])
+    return 8.0 if (6, 0) <= version < (8, 0) else 0.0
 
 
 def _socket_inodes() -> set[str]:
