@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_entry, untracked_entry
 from poolkeeper._concurrency import wake_soon
-from poolkeeper._leak_watch import watch_for_leak
+from poolkeeper._leak_watch import LeakWatch
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class Keeper:
         self.depends_on: tuple[str, ...] = tuple(depends_on)
         # Tracking is implied by a leak threshold: a leak warning without its borrow site is useless.
         self._track = track_borrowers or leak_threshold is not None
-        self._leak_threshold = leak_threshold
+        # One timer per keeper scanning its live borrows: nothing is kept per checkout.
+        self._leak_watch = None if leak_threshold is None else LeakWatch(self, leak_threshold)
         self._new_entry = tracked_entry if self._track else untracked_entry
         self._lock = threading.Lock()
         self._state = KeeperState.OPEN
@@ -189,8 +190,8 @@ class Keeper:
             return True  # the same connection handed out again (SingletonThreadPool): one borrow
         if self._state is not _OPEN and not self._accept_late(connection):
             return False
-        if self._leak_threshold is not None:
-            watch_for_leak(self, Borrow(connection, entry), self._leak_threshold)
+        if self._leak_watch is not None:
+            self._leak_watch.borrowed()
         return True
 
     def _accept_late(self, connection: Any) -> bool:
