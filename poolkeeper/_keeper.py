@@ -20,7 +20,7 @@ from poolkeeper._leak_watch import LeakWatch
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from poolkeeper._report import ResourceReport
     from poolkeeper.adapters._base import Driver
@@ -88,6 +88,9 @@ class Keeper:
         self._refused = 0
         #: What closing this keeper did, once it has closed (set by poolkeeper._shutdown).
         self.close_report: ResourceReport | None = None
+        # Set by the registry, which holds keepers weakly: told when this keeper closes, so that
+        # a keeper whose object is garbage collected later can be told apart from one left open.
+        self.on_closed: Callable[[], None] | None = None
 
     # -- read-only surface ---------------------------------------------------------------
 
@@ -348,3 +351,5 @@ class Keeper:
     def mark_closed(self) -> None:
         """-> CLOSED: every physical connection has been closed."""
         self._advance(KeeperState.CLOSED)
+        if self.on_closed is not None:
+            self.on_closed()

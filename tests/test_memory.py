@@ -8,6 +8,9 @@ what keeping one record per iteration costs.
 from __future__ import annotations
 
 import gc
+import logging
+import threading
+import time
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
@@ -54,6 +57,14 @@ def live(cls: type[Any]) -> int:
     return sum(1 for obj in gc.get_objects() if isinstance(obj, cls))
 
 
+def collect_after_close() -> None:
+    """Wait for poolkeeper's worker threads of a finished close (their frames still hold what they closed), then collect."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("poolkeeper-") and thread.name != "poolkeeper-leak-watch":
+            thread.join(5)
+    gc.collect()
+
+
 def test_engine_dispose_does_not_keep_the_replaced_pools_alive(make_engine, traced):
     """5,000 Engine.dispose() calls on a wrapped engine leave one live pool, not 5,001."""
     registry = Registry()
@@ -91,5 +102,82 @@ def test_nothing_of_a_leak_watched_keeper_survives_its_registry(engine_url):
     keeper = weakref.ref(registry["db"])
     registry.close()
     del engine, registry
-    gc.collect()
+    collect_after_close()
     assert keeper() is None
+
+
+def test_dropped_engines_are_freed_and_their_names_with_them(engine_url, caplog):
+    """300 engines wrapped, used, disposed and dropped unclosed are all freed, each said to be collected open."""
+    registry = Registry()
+    caplog.set_level(logging.WARNING, logger="poolkeeper.registry")
+    before = live(sa.Engine)
+    for _ in range(300):
+        engine = registry.wrap(engine_url(pool_size=1))
+        with engine.connect():
+            pass
+        engine.dispose()
+    del engine
+    assert live(sa.Engine) == before
+    assert list(registry) == []
+    collected = [record for record in caplog.records if "garbage collected while still open" in record.getMessage()]
+    assert len(collected) == 300
+    assert registry.close().ok
+
+
+def test_a_closed_keeper_does_not_keep_its_engine_alive(engine_url):
+    """After the registry closed, dropping the engine frees it and its keeper, although the registry lives on."""
+    registry = Registry()
+    engine = registry.wrap(engine_url(pool_size=1), name="db")
+    with engine.connect():
+        pass
+    keeper = weakref.ref(registry["db"])
+    report = registry.close()
+    del engine
+    collect_after_close()
+    assert keeper() is None
+    assert report["db"].outcome == "clean"  # the report keeps what it said, not the keeper
+
+
+def test_unwrap_gives_the_engine_back_to_sqlalchemy(engine_url):
+    """After unwrap(), the engine is SQLAlchemy's own again: the registry's close neither refuses nor closes it."""
+    registry = Registry()
+    engine = registry.wrap(engine_url(pool_size=1), name="db")
+    library_class = type(engine.pool).__mro__[1]
+    assert registry.unwrap(engine) is engine
+    assert type(engine.pool) is library_class
+    assert "db" not in registry
+    registry.close()
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("select 1").scalar() == 1
+    engine.dispose()
+
+
+def test_unwrap_by_name_frees_the_name_and_lets_another_registry_wrap_it(engine_url):
+    """unwrap("db") forgets the keeper: the name is free and the engine can be wrapped anew elsewhere."""
+    registry, other = Registry(), Registry()
+    engine = registry.wrap(engine_url(pool_size=1), name="db")
+    registry.unwrap("db")
+    registry.wrap(engine_url(pool_size=1), name="db")
+    assert other.wrap(engine, name="db") is engine
+    with pytest.raises(KeyError, match="no keeper named 'nope'"):
+        registry.unwrap("nope")
+    registry.close()
+    other.close()
+
+
+def test_wrap_time_does_not_grow_with_the_registry(redis_url):
+    """Wrapping into a registry of 3,000 default-named keepers costs about what the first wraps cost."""
+    import redis
+
+    registry = Registry()
+    clients = []
+    batch_times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        for _ in range(100):
+            clients.append(registry.wrap(redis.Redis.from_url(redis_url)))
+        batch_times.append(time.perf_counter() - started)
+    assert registry.keepers[-1].name == "redis-3000"
+    # Trying "redis", "redis-2", ... in turn made the last batch over 10 times slower than the first.
+    assert min(batch_times[-5:]) < 4 * min(batch_times[:5])
+    registry.close()
