@@ -7,15 +7,20 @@ what keeping one record per iteration costs.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
 import time
+import uuid
+import warnings
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import Pool
@@ -165,19 +170,82 @@ def test_unwrap_by_name_frees_the_name_and_lets_another_registry_wrap_it(engine_
     other.close()
 
 
-def test_wrap_time_does_not_grow_with_the_registry(redis_url):
-    """Wrapping into a registry of 3,000 default-named keepers costs about what the first wraps cost."""
-    import redis
-
+@pytest.mark.asyncio
+async def test_wrap_time_does_not_grow_with_the_registry(pg_url):
+    """Wrapping into a registry of 3,000 default-named asyncpg pools costs about what the first wraps cost."""
     registry = Registry()
-    clients = []
+    wrapped = []
     batch_times = []
     for _ in range(30):
+        pools = [await asyncpg.create_pool(pg_url, min_size=0, max_size=1) for _ in range(100)]
         started = time.perf_counter()
-        for _ in range(100):
-            clients.append(registry.wrap(redis.Redis.from_url(redis_url)))
+        wrapped.extend(registry.wrap(pool) for pool in pools)
         batch_times.append(time.perf_counter() - started)
-    assert registry.keepers[-1].name == "redis-3000"
-    # Trying "redis", "redis-2", ... in turn made the last batch over 10 times slower than the first.
+    assert registry.keepers[-1].name == "asyncpg-3000"
+    # Trying "asyncpg", "asyncpg-2", ... in turn and scanning every keeper for the pool made the
+    # last batches over 10 times slower than the first.
     assert min(batch_times[-5:]) < 4 * min(batch_times[:5])
+    await registry.aclose()
+
+
+def test_a_dropped_unclosed_asyncpg_pool_still_gets_asyncpgs_own_warning(pg_url, application_name):
+    """A wrapped asyncpg pool dropped unclosed is collected once its loop is gone, and asyncpg warns about it."""
+    registry = Registry()
+
+    async def use_and_drop() -> None:
+        # While its loop runs, the loop's selector keeps the pool's open connections (and so
+        # the pool) alive, wrapped or not; asyncio.run() closes the loop on the way out.
+        pool = registry.wrap(
+            await asyncpg.create_pool(
+                pg_url, min_size=1, max_size=1, server_settings={"application_name": application_name}
+            )
+        )
+        await pool.fetchval("select 1")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(use_and_drop())
+        gc.collect()
+    assert any("unclosed connection" in str(warning.message) for warning in caught)
+    assert registry.keepers == ()
+    registry.close()
+
+
+@pytest.mark.asyncio
+async def test_a_dropped_unclosed_aiohttp_session_still_gets_aiohttps_own_warning():
+    """A wrapped aiohttp session dropped unclosed is collected, and aiohttp warns "Unclosed client session"."""
+    registry = Registry()
+    session = registry.wrap(aiohttp.ClientSession())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del session
+        gc.collect()
+    assert any("Unclosed client session" in str(warning.message) for warning in caught)
+    assert registry.keepers == ()
+    await registry.aclose()
+
+
+def test_dropped_redis_clients_do_not_keep_their_sockets_open(redis_url, server_settle=2.0):
+    """50 wrapped redis clients, used and dropped unclosed, leave no connection open on the server."""
+    import redis
+
+    name = f"pk-memory-{uuid.uuid4().hex[:12]}"
+    observer = redis.Redis.from_url(redis_url)
+
+    def open_connections() -> int:
+        return sum(1 for client in observer.client_list() if client.get("name") == name)
+
+    registry = Registry()
+    for _ in range(50):
+        client = registry.wrap(redis.Redis.from_url(redis_url, client_name=name))
+        client.ping()
+    gc.collect()
+    assert open_connections() == 1  # the last client is still held
+    del client
+    gc.collect()
+    deadline = time.monotonic() + server_settle
+    while open_connections() and time.monotonic() < deadline:  # the server notices closed sockets shortly after
+        time.sleep(0.01)
+    assert open_connections() == 0
+    observer.close()
     registry.close()
