@@ -18,12 +18,13 @@ with nothing borrowed.
 
 from __future__ import annotations
 
-import collections
 import logging
 import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import collections
+
     from poolkeeper._keeper import Keeper
 
 __all__ = ["HeldKeeper"]

@@ -168,10 +168,7 @@ class Registry:
 
     def _keeper_of(self, managed: Any) -> Keeper | None:
         """The keeper (of any registry) already managing ``managed``, if any."""
-        if _weakrefable(managed):
-            existing_ref = _managed.get(managed)
-        else:
-            existing_ref = _managed_by_id.get(id(managed))
+        existing_ref = _managed.get(managed) if _weakrefable(managed) else _managed_by_id.get(id(managed))
         keeper = existing_ref() if existing_ref is not None else None
         return keeper if keeper is not None and keeper.driver.managed_object is managed else None
 
