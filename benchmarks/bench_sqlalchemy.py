@@ -7,6 +7,7 @@ import gc
 import os
 import threading
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -60,8 +61,8 @@ def checkout_overhead() -> list[Result]:
 def _resident_bytes() -> int:
     """The process's resident set size (Linux ``/proc``; elsewhere the peak, from ``getrusage``)."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        statm = Path("/proc/self/statm").read_text(encoding="ascii")
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         import resource  # noqa: PLC0415 -- POSIX only, and only where /proc is missing
 
