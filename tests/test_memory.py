@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -248,3 +250,24 @@ def test_dropped_redis_clients_do_not_keep_their_sockets_open(redis_url):
     assert open_connections() == 0
     observer.close()
     registry.close()
+
+
+def test_the_exit_warning_summarises_thousands_of_keepers(tmp_path, redis_url):
+    """A process leaving 300 keepers open at exit gets one short warning: ten names and a count."""
+    script = tmp_path / "many.py"
+    script.write_text(
+        "import redis, poolkeeper\n"
+        f"clients = [poolkeeper.wrap(redis.Redis.from_url({redis_url!r})) for _ in range(300)]\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "default::ResourceWarning", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (line,) = [line for line in result.stderr.splitlines() if "keepers left open at exit" in line and "Warning" in line]
+    assert "'redis-10'" in line
+    assert "'redis-11'" not in line
+    assert "and 290 more (300 in all)" in line
