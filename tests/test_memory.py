@@ -271,3 +271,44 @@ def test_the_exit_warning_summarises_thousands_of_keepers(tmp_path, redis_url):
     assert "'redis-10'" in line
     assert "'redis-11'" not in line
     assert "and 290 more (300 in all)" in line
+
+
+@pytest.mark.asyncio
+async def test_unwrap_gives_the_asyncpg_pool_back_and_frees_its_keeper(pg_url):
+    """After unwrap(pool), the pool is asyncpg's own class again, keeps working, and nothing holds its keeper."""
+    registry = Registry()
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
+    library_class = type(pool)
+    registry.wrap(pool, name="pg")
+    keeper = weakref.ref(registry["pg"])
+    assert registry.unwrap(pool) is pool
+    gc.collect()
+    assert type(pool) is library_class
+    assert keeper() is None
+    await registry.aclose()
+    assert await pool.fetchval("select 1") == 1
+    await pool.close()
+
+
+def test_unwrap_gives_the_redis_client_back(redis_url):
+    """After unwrap(client), closing the registry leaves the client working: its pool is redis-py's own again."""
+    registry = Registry()
+    client = registry.wrap(redis.Redis.from_url(redis_url), name="cache")
+    library_class = type(client.connection_pool).__mro__[1]
+    assert registry.unwrap("cache") is client
+    assert type(client.connection_pool) is library_class
+    registry.close()
+    assert client.ping() is True
+    client.close()
+
+
+@pytest.mark.asyncio
+async def test_unwrap_gives_the_aiohttp_session_back():
+    """After unwrap(session), closing the registry leaves the session open and its own _request in place."""
+    registry = Registry()
+    session = registry.wrap(aiohttp.ClientSession(), name="http")
+    registry.unwrap(session)
+    assert "_request" not in vars(session)
+    await registry.aclose()
+    assert not session.closed
+    await session.close()
