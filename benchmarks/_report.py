@@ -95,8 +95,11 @@ def _overhead(results: Sequence[Result]) -> list[str]:
         "Time per operation through a wrapped pool against the same library unwrapped, measured in the same",
         "process in alternating rounds (raw, poolkeeper, raw, poolkeeper...) so that machine noise hits both",
         "alike. The ratio is the median of the per-round ratios; the range shows how much rounds disagreed.",
-        "Rows without a goal show what borrower tracking (`track_borrowers=True`) or the bare pool",
-        "checkout (no I/O at all) costs.",
+        "The tracked SQLAlchemy row is leak detection left on (`track_borrowers=True`, or a `leak_threshold`):",
+        "each checkout records its borrow-site stack as code objects and instruction offsets, a cost that",
+        "grows with the depth of the caller's stack (about a quarter of a microsecond per frame); file names",
+        "and lines are worked out only when a borrow is shown. Other rows without a goal show what borrower",
+        "tracking or the bare pool checkout (no I/O at all) costs.",
         "",
         *_table(
             ("measure", "raw library", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
@@ -167,7 +170,8 @@ def _memory(results: Sequence[Result]) -> list[str]:
         "Bytes that poolkeeper's own code allocates per borrowed connection while it is out (the borrow",
         "record, its slot in the keeper's table, and for aiohttp the per-request record), measured with",
         "`tracemalloc` over many borrows held at once. A tracked borrow also keeps its borrow-site stack,",
-        "so its size grows with the depth of the caller's stack.",
+        "so its size grows with the depth of the caller's stack. The million-checkout row is what returned",
+        "checkouts leave behind (resident memory, per checkout): it must stay flat.",
         "",
         *_table(
             ("borrow", "bytes per borrow", "how measured"),

@@ -1,8 +1,12 @@
 """Who holds a connection: the borrow record kept per checkout and its public view.
 
 With tracking off a borrow costs one small tuple and a clock read; with tracking on it also
-records the borrow-site stack (HikariCP's leak detection does the same), walking frames
-directly rather than through ``traceback`` so that no source file is read at checkout.
+records the borrow-site stack (HikariCP's leak detection does the same), cheaply enough to leave
+on in production: the checkout only walks the frames and keeps each user frame's code object and
+instruction offset. Whether a code object is plumbing is decided once per code object, and file
+names, line numbers and thread and task names are worked out only when a borrow is looked at (a
+leak warning, a report, ``Keeper.borrowers()``), which is rare. Nothing is sampled: every
+tracked borrow knows its exact borrow site.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import CodeType
 
 __all__ = ["Borrow", "Borrower", "Entry", "Frame", "capture_stack", "collected", "tracked_entry", "untracked_entry"]
 
@@ -54,57 +61,95 @@ class Frame:
         return f"{self.filename}:{self.lineno} in {self.function}"
 
 
-_RawFrame = tuple[str, int, str]  # (filename, lineno, function), made into Frame objects only when shown
+# Whether a source file is plumbing, decided once per file from its module's name. Keyed by
+# file name because a str caches its hash and a code object does not (hashing one per frame
+# cost more than the rest of the walk). Cleared if it ever grows past _MAX_FILES.
+_plumbing_files: dict[str, bool] = {}
+_MAX_FILES = 20_000
 
 
-def _capture(skip: int) -> tuple[_RawFrame, ...]:
-    frames: list[_RawFrame] = []
+def _is_plumbing(frame: Any) -> bool:
+    module = frame.f_globals.get("__name__", "")
+    if module.startswith(_PLUMBING_MODULES) or module in ("poolkeeper", "sqlalchemy"):
+        return True
+    # `python -m pytest` runs pytest's own __main__ module: plumbing, not the user's script.
+    return module == "__main__" and bool(frame.f_code.co_filename.endswith(_PYTEST_MAIN))
+
+
+def _capture(skip: int) -> list[Any]:
+    """The user frames of the caller's stack, innermost first, as ``[code, offset, code, offset...]``.
+
+    This runs on every tracked checkout, so it does the least it can: per frame, one dict read
+    (is this file plumbing?) and, for user frames, two appends. Lines come later (:func:`_frames`).
+    """
+    raw: list[Any] = []
     frame: Any = sys._getframe(skip)  # noqa: SLF001 -- the cheap way to walk the stack at checkout
-    plumbing = _PLUMBING_MODULES
+    files = _plumbing_files
+    kept = 0
     # SQLAlchemy's asyncio layer checks out inside a greenlet whose stack ends in the library;
     # the caller's frames (the task's) go on in the parent greenlet. Looked at only when greenlet
     # is already imported, so nothing is imported here.
-    greenlets = sys.modules.get("greenlet")
-    current = greenlets.getcurrent() if greenlets is not None else None
-    while len(frames) < _MAX_FRAMES:
+    current: Any = None
+    while True:
         if frame is None:
+            if current is None:
+                greenlets = sys.modules.get("greenlet")
+                current = greenlets.getcurrent() if greenlets is not None else None
             current = getattr(current, "parent", None)
             if current is None:
                 break
             frame = current.gr_frame
             continue
-        module = frame.f_globals.get("__name__", "")
         code = frame.f_code
-        if (
-            not module.startswith(plumbing)
-            and module not in ("poolkeeper", "sqlalchemy")
-            # `python -m pytest` runs pytest's own __main__ module: plumbing, not the user's script.
-            and not (module == "__main__" and code.co_filename.endswith(_PYTEST_MAIN))
-        ):
-            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+        plumbing = files.get(code.co_filename)
+        if plumbing is None:
+            if len(files) >= _MAX_FILES:
+                files.clear()
+            plumbing = files[code.co_filename] = _is_plumbing(frame)
+        if not plumbing:
+            raw.append(code)
+            raw.append(frame.f_lasti)
+            kept += 1
+            if kept == _MAX_FRAMES:
+                break
         frame = frame.f_back
+    return raw
+
+
+def _line_of(code: CodeType, offset: int) -> int:
+    """The source line of the instruction at byte ``offset`` of ``code``."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def _frames(raw: list[Any]) -> tuple[Frame, ...]:
+    """``_capture``'s record as frames, outermost first, innermost last."""
+    frames = [
+        Frame(code.co_filename, _line_of(code, offset), code.co_name)
+        for code, offset in zip(raw[::2], raw[1::2], strict=True)
+    ]
     frames.reverse()
     return tuple(frames)
 
 
 def capture_stack(skip: int = 2) -> tuple[Frame, ...]:
     """The caller's stack without library frames, outermost first, innermost last."""
-    return tuple(Frame(*raw) for raw in _capture(skip + 1))
+    return _frames(_capture(skip + 1))
 
 
-def _current_task_name() -> str | None:
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running event loop in this thread
-        return None
-    return None if task is None else task.get_name()
+def _current_task() -> asyncio.Task[Any] | None:
+    loop = asyncio._get_running_loop()  # noqa: SLF001 -- None without raising: current_task() raises then
+    return None if loop is None else asyncio.current_task(loop)
 
 
 # What a keeper stores per borrowed connection: a plain tuple, the cheapest thing Python makes,
 # because one is made on every checkout. An untracked entry holds the start time
 # (time.monotonic()) and the holder: None, or a weakref to the object the user holds, dead once
 # the garbage collector collected it (how a return by the collector is told apart). A tracked
-# entry adds the raw borrow-site stack, the thread name and the task name.
+# entry adds the raw borrow-site stack (see _capture), the thread and the task (names are read
+# when shown: reading them costs more than the rest of the entry).
 Entry = tuple[Any, ...]
 _UNTRACKED_LENGTH = 2
 
@@ -116,7 +161,7 @@ def untracked_entry(holder: Any) -> Entry:
 
 def tracked_entry(holder: Any) -> Entry:
     """The entry of a tracked borrow: who borrowed, and where."""
-    return (time.monotonic(), holder, _capture(3), threading.current_thread().name, _current_task_name())
+    return (time.monotonic(), holder, _capture(3), threading.current_thread(), _current_task())
 
 
 def collected(entry: Entry) -> bool:
@@ -148,9 +193,9 @@ class Borrow:
             keeper=keeper,
             borrowed_at=time.time() - held,
             held_seconds=held,
-            thread=entry[3] if tracked else None,
-            task=entry[4] if tracked else None,
-            stack=tuple(Frame(*raw) for raw in entry[2]) if tracked else None,
+            thread=entry[3].name if tracked else None,
+            task=entry[4].get_name() if tracked and entry[4] is not None else None,
+            stack=_frames(entry[2]) if tracked else None,
             returned_by_gc=returned_by_gc,
         )
 

@@ -30,6 +30,8 @@ logger = logging.getLogger("poolkeeper.exit")
 #: Seconds the force-close at exit may take (hooks included); exit waits at most one more.
 EXIT_DEADLINE = 2.0
 _JOIN_MARGIN = 1.0
+# How many names the warning lists; the log record's extra carries them all.
+_NAMES_SHOWN = 10
 
 _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 _lock = threading.Lock()
@@ -61,6 +63,13 @@ def _force_close(registry: Registry) -> None:
         logger.warning("poolkeeper: force-closing at exit failed", exc_info=True)
 
 
+def _summary(names: list[str]) -> str:
+    """The first few names and how many more: a service with thousands of keepers gets one short line."""
+    shown = ", ".join(map(repr, names[:_NAMES_SHOWN]))
+    more = len(names) - _NAMES_SHOWN
+    return f"{shown} and {more} more ({len(names)} in all)" if more > 0 else shown
+
+
 def _close_left_open() -> None:
     if _armed_in != os.getpid():
         return  # a forked child: those connections belong to the parent, which closes them
@@ -71,7 +80,7 @@ def _close_left_open() -> None:
         return
     open_names = [name for _, names in left for name in names]
     message = (
-        f"poolkeeper: keepers left open at exit: {', '.join(map(repr, open_names))}; force-closing them "
+        f"poolkeeper: keepers left open at exit: {_summary(open_names)}; force-closing them "
         "(close the registry before the process ends: registry.close(), aclose() or poolkeeper.run())"
     )
     warnings.warn(message, ResourceWarning, stacklevel=1)

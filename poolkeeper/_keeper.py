@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_entry, untracked_entry
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._gc_safe_lock import GcSafeLock
-from poolkeeper._leak_watch import watch_for_leak
+from poolkeeper._leak_watch import LeakWatch
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from poolkeeper._report import ResourceReport
     from poolkeeper.adapters._base import Driver
@@ -76,7 +76,8 @@ class Keeper:
         self.depends_on: tuple[str, ...] = tuple(depends_on)
         # Tracking is implied by a leak threshold: a leak warning without its borrow site is useless.
         self._track = track_borrowers or leak_threshold is not None
-        self._leak_threshold = leak_threshold
+        # One timer per keeper scanning its live borrows: nothing is kept per checkout.
+        self._leak_watch = None if leak_threshold is None else LeakWatch(self, leak_threshold)
         self._new_entry = tracked_entry if self._track else untracked_entry
         # Lock discipline (issue 19): the garbage collector may return a connection (checkin,
         # _note_gc_return) from a finaliser at any allocation, in the thread that holds this lock.
@@ -96,6 +97,9 @@ class Keeper:
         self.close_report: ResourceReport | None = None
         #: Why the driver could not wake the library's queued checkouts, if it could not.
         self.refuse_error: Exception | None = None
+        # Set by the registry, which holds keepers weakly: told when this keeper closes, so that
+        # a keeper whose object is garbage collected later can be told apart from one left open.
+        self.on_closed: Callable[[], None] | None = None
 
     # -- read-only surface ---------------------------------------------------------------
 
@@ -203,8 +207,8 @@ class Keeper:
             return True  # the same connection handed out again (SingletonThreadPool): one borrow
         if self._state is not _OPEN and not self._accept_late(connection):
             return False
-        if self._leak_threshold is not None:
-            watch_for_leak(self, Borrow(connection, entry), self._leak_threshold)
+        if self._leak_watch is not None:
+            self._leak_watch.borrowed()
         return True
 
     def _accept_late(self, connection: Any) -> bool:
@@ -381,3 +385,5 @@ class Keeper:
     def mark_closed(self) -> None:
         """-> CLOSED: every physical connection has been closed."""
         self._advance(KeeperState.CLOSED)
+        if self.on_closed is not None:
+            self.on_closed()

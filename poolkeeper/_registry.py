@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from poolkeeper import _exit
 from poolkeeper._concurrency import wake_soon
+from poolkeeper._held import HeldKeeper
 from poolkeeper._hooks import Hook, check_hook, running_hook
-from poolkeeper._keeper import Keeper
+from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import check_name, check_timeout
 from poolkeeper.adapters import driver_for
@@ -39,6 +41,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The keeper is held weakly too: it references the resource (through its driver), and a strong
 # value would keep every wrapped resource, and its registry's keeper, alive forever.
 _managed: weakref.WeakKeyDictionary[Any, weakref.ref[Keeper]] = weakref.WeakKeyDictionary()
+# The same for objects that take no weak reference (asyncpg's Pool has __slots__), by id(): an
+# entry is trusted only if its keeper still manages that very object, so a reused id is harmless,
+# and it goes when the keeper is collected (with its object: each owns the other).
+_managed_by_id: dict[int, weakref.ref[Keeper]] = {}
 _managed_lock = threading.Lock()
 
 
@@ -114,7 +120,12 @@ class Registry:
             raise TypeError(f"track_borrowers must be True or False, got {track_borrowers!r}")
         self.track_borrowers = track_borrowers
         self._lock = threading.RLock()
-        self._items: dict[str, Item] = {}
+        # Hooks, and keepers held weakly (poolkeeper._held): a dropped resource is not kept alive.
+        self._items: dict[str, Item | HeldKeeper] = {}
+        # Entries of keepers collected since, removed under the lock on the registry's next use.
+        self._dropped: collections.deque[HeldKeeper] = collections.deque()
+        # The next free suffix per default name ("redis" -> 3: "redis-3"), so wrap() stays O(1).
+        self._name_counters: dict[str, int] = {}
         self._draining = False
         self._force_requested = False
         self._shutdown: _Shutdown | None = None
@@ -122,7 +133,7 @@ class Registry:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "closing" if self._shutdown else "draining" if self._draining else "open"
-        return f"<Registry {state} items={list(self._items)}>"
+        return f"<Registry {state} items={list(self._live_items())}>"
 
     # -- registration ------------------------------------------------------------------------
 
@@ -157,16 +168,53 @@ class Registry:
 
     def _keeper_of(self, managed: Any) -> Keeper | None:
         """The keeper (of any registry) already managing ``managed``, if any."""
+        existing_ref = _managed.get(managed) if _weakrefable(managed) else _managed_by_id.get(id(managed))
+        keeper = existing_ref() if existing_ref is not None else None
+        return keeper if keeper is not None and keeper.driver.managed_object is managed else None
+
+    def _remember(self, managed: Any, keeper: Keeper) -> None:
+        """Record that ``keeper`` manages ``managed`` (called with both locks held)."""
         if _weakrefable(managed):
-            existing_ref = _managed.get(managed)
-            return existing_ref() if existing_ref is not None else None
-        # asyncpg's Pool has __slots__ and takes no weak reference: look among this registry's keepers.
-        return next((keeper for keeper in self.keepers if keeper.driver.managed_object is managed), None)
+            _managed[managed] = weakref.ref(keeper)
+            return
+        key = id(managed)
+
+        def forget(ref: weakref.ref[Keeper]) -> None:  # the keeper was collected, with its object
+            if _managed_by_id.get(key) is ref:  # a dict read and a pop: atomic, no lock needed
+                _managed_by_id.pop(key, None)
+
+        _managed_by_id[key] = weakref.ref(keeper, forget)
+
+    @staticmethod
+    def _forget(managed: Any) -> None:
+        """Undo :meth:`_remember` (called with both locks held)."""
+        if _weakrefable(managed):
+            _managed.pop(managed, None)
+        else:
+            _managed_by_id.pop(id(managed), None)
+
+    def _purge(self) -> None:
+        """Remove the entries of keepers collected since the last call (with the lock held)."""
+        while True:
+            try:
+                held = self._dropped.popleft()
+            except IndexError:
+                return
+            if self._items.get(held.name) is held:
+                del self._items[held.name]
+
+    def _holds(self, keeper: Keeper) -> bool:
+        item = self._items.get(keeper.name)
+        return isinstance(item, HeldKeeper) and item.keeper() is keeper
 
     def _unique_name(self, base: str) -> str:
-        name, counter = base, 2
+        # A counter per base name: trying base, base-2, base-3... in turn was O(n) per wrap.
+        counter = self._name_counters.get(base, 1)
+        name = base if counter == 1 else f"{base}-{counter}"
         while name in self._items:
-            name, counter = f"{base}-{counter}", counter + 1
+            counter += 1
+            name = f"{base}-{counter}"
+        self._name_counters[base] = counter + 1
         return name
 
     def wrap(
@@ -215,11 +263,12 @@ class Registry:
 
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
+            self._purge()
             driver = driver_for(resource)
             managed = driver.managed_object
             existing = self._keeper_of(managed)
             if existing is not None:
-                if self._items.get(existing.name) is not existing:
+                if not self._holds(existing):
                     raise RegistrationError(
                         f"this {type(resource).__name__} is already managed by another registry as {existing.name!r}"
                     )
@@ -242,12 +291,53 @@ class Registry:
                 leak_threshold=threshold,
             )
             driver.attach(keeper)  # raises, having undone itself, if the resource cannot be guarded
-            self._items[name] = keeper
-            if _weakrefable(managed):
-                _managed[managed] = weakref.ref(keeper)
+            self._items[name] = HeldKeeper(keeper, self._dropped)
+            self._remember(managed, keeper)
         _exit.track(self)
         logger.debug("poolkeeper: wrapped %s as %r", type(resource).__name__, name, extra={"poolkeeper_keeper": name})
         return driver.resource  # type: ignore[no-any-return]  # the same T that was passed in
+
+    def unwrap(self, resource_or_name: Any) -> Any:
+        """Stop managing an object: its guards are removed and the library's own behaviour is back.
+
+        The keeper leaves the registry (its name is free again, and the object can be wrapped
+        anew, here or elsewhere). Connections borrowed at that moment are no longer counted.
+        Unwrapping a keeper that has closed only forgets it: the object stays closed.
+
+        Args:
+            resource_or_name: the object as ``wrap()`` returned it (or another object sharing
+                its pool), or the keeper's name.
+
+        Returns:
+            The object the keeper managed, as ``wrap()`` returned it.
+
+        Raises:
+            KeyError: no keeper of this registry has that name or manages that object.
+            RegistrationError: the registry or that keeper is closing: the shutdown owns it now.
+            UnsupportedResourceError: the object is of no supported type.
+        """
+        with self._lock, _managed_lock:
+            self._purge()
+            if isinstance(resource_or_name, str):
+                item = self._items.get(resource_or_name)
+                keeper = item.keeper() if isinstance(item, HeldKeeper) else None
+                if keeper is None:
+                    raise KeyError(f"no keeper named {resource_or_name!r} in this registry")
+            else:
+                keeper = self._keeper_of(driver_for(resource_or_name).managed_object)
+                if keeper is None or not self._holds(keeper):
+                    raise KeyError(f"this {type(resource_or_name).__name__} is not managed by this registry")
+            self._refuse_if_closing(f"unwrap {keeper.name!r}")
+            if keeper.state in (KeeperState.DRAINING, KeeperState.FORCING):
+                raise RegistrationError(f"cannot unwrap {keeper.name!r}: it is closing")
+            held = self._items.pop(keeper.name)
+            assert isinstance(held, HeldKeeper)  # noqa: S101 -- _holds() / the lookup above checked it
+            held.released = True
+            keeper.on_closed = None
+            keeper.driver.detach()
+            self._forget(keeper.driver.managed_object)
+        logger.debug("poolkeeper: unwrapped %r", keeper.name, extra={"poolkeeper_keeper": keeper.name})
+        return keeper.resource
 
     @overload
     def on_shutdown(
@@ -290,6 +380,7 @@ class Registry:
             check_hook("on_shutdown's fn", function)
             with self._lock:
                 self._refuse_if_closing("register a hook")
+                self._purge()
                 hook_name = name or getattr(function, "__qualname__", None) or repr(function)
                 self._check_new_item(hook_name, dependencies)
                 self._items[hook_name] = Hook(
@@ -310,6 +401,7 @@ class Registry:
             RegistrationError: some ``depends_on`` names no registered item.
         """
         with self._lock:
+            self._purge()
             unknown = [
                 f"{item.name!r} depends on unknown {dependency!r}"
                 for item in self._items.values()
@@ -321,10 +413,19 @@ class Registry:
 
     # -- inspection ----------------------------------------------------------------------------
 
+    def _live_items(self) -> dict[str, Item]:
+        """The hooks and the keepers not collected, by name, in registration order."""
+        items: dict[str, Item] = {}
+        for name, item in list(self._items.items()):
+            live = item.keeper() if isinstance(item, HeldKeeper) else item
+            if live is not None:
+                items[name] = live
+        return items
+
     @property
     def keepers(self) -> tuple[Keeper, ...]:
         """The registered keepers, in registration order."""
-        return tuple(item for item in self._items.values() if isinstance(item, Keeper))
+        return tuple(item for item in self._live_items().values() if isinstance(item, Keeper))
 
     @property
     def hooks(self) -> tuple[Hook, ...]:
@@ -334,18 +435,21 @@ class Registry:
     def __getitem__(self, name: str) -> Keeper:
         """The keeper registered as ``name`` (hooks are listed by :attr:`hooks`)."""
         item = self._items[name]
-        if not isinstance(item, Keeper):
+        if not isinstance(item, HeldKeeper):
             raise KeyError(f"{name!r} is a shutdown hook, not a keeper")
-        return item
+        keeper = item.keeper()
+        if keeper is None:
+            raise KeyError(name)
+        return keeper
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._live_items()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._items))
+        return iter(self._live_items())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._live_items())
 
     @property
     def draining(self) -> bool:
@@ -412,7 +516,7 @@ class Registry:
             )
 
         try:
-            return await run_shutdown(dict(self._items), deadline, shutdown.force, publish)
+            return await run_shutdown(self._live_items(), deadline, shutdown.force, publish)
         except BaseException as error:
             if not shutdown.done.is_set():
                 shutdown.finish(None, error)

@@ -77,6 +77,10 @@ class ForceSwitch:
         if self._tripped:
             on_trip()
 
+    def unbind(self) -> None:
+        """The shutdown is over: drop ``on_trip``, which references every item it closed."""
+        self._on_trip = None
+
     def trip(self) -> None:
         """Force the shutdown: now if it runs, as it starts otherwise."""
         self._tripped = True
@@ -362,7 +366,8 @@ async def run_shutdown(
     tasks: dict[str, asyncio.Task[ResourceReport]] = {}
     forced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     on_force = functools.partial(_force_all, items, forced)
-    (force or ForceSwitch()).bind(on_force)
+    switch = force or ForceSwitch()
+    switch.bind(on_force)
 
     async def close_item(name: str) -> ResourceReport:
         waiting_for = [tasks[user] for user in users[name]]
@@ -389,6 +394,8 @@ async def run_shutdown(
         duration=time.monotonic() - started,
         deadline=deadline_seconds,
     )
+    # The registry keeps its switch: a closed keeper must not keep its resource alive through it.
+    switch.unbind()
     if publish is not None:
         publish(report)
     if interrupted is not None:

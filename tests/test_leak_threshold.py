@@ -65,3 +65,34 @@ def test_connections_returned_in_time_are_not_reported(make_engine):
         logger.removeHandler(handler)
     assert len(handler.records) == 1
     registry.close()
+
+
+def test_every_held_connection_is_reported_once_whenever_it_was_borrowed(make_engine):
+    """Borrows made while the watch's timer is pending, or after it went idle, are each reported exactly once."""
+    handler = WarningSeen()
+    logger = logging.getLogger("poolkeeper.leaks")
+    logger.addHandler(handler)
+    try:
+        registry = Registry()
+        engine = registry.wrap(make_engine(pool_size=3), name="db", leak_threshold=0.1)
+        first = engine.connect()
+        second = engine.connect()  # the timer armed for the first one is still pending
+        assert until_records(handler, 2)
+        handler.seen.clear()
+        third = engine.connect()  # borrowed after both were reported: a timer of its own
+        assert until_records(handler, 3)
+        for connection in (first, second, third):
+            connection.close()
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.records) == 3
+    registry.close()
+
+
+def until_records(handler: WarningSeen, count: int) -> bool:
+    """Wait for the handler to have seen ``count`` warnings (each one sets its event)."""
+    while len(handler.records) < count:
+        if not handler.seen.wait(5):
+            return False
+        handler.seen.clear()
+    return True

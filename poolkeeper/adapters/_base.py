@@ -64,6 +64,12 @@ class Driver(abc.ABC):
         """Install the guards on the resource. Must undo itself if it fails halfway."""
         self._keeper = keeper
 
+    def detach(self) -> None:  # noqa: B027 -- adapters with guards override it
+        """Remove the guards :meth:`attach` installed: registration failed halfway, or ``unwrap()``.
+
+        The library's own classes and methods come back; a closed resource stays closed.
+        """
+
     @abc.abstractmethod
     def refuse(self) -> None:
         """Wake checkouts queued inside the library so they fail with the refusal at once.

@@ -445,9 +445,10 @@ class AsyncpgDriver(Driver):
             raise
 
     def detach(self) -> None:
-        """Give the pool and its queue their own classes back (used when registration fails)."""
+        """Give the pool and its queue their own classes back (registration failed, or ``unwrap()``)."""
         if self._queue is not None and self._queue_class is not None:
             self._queue.__class__ = self._queue_class
+            vars(self._queue).pop("_pk_keeper", None)
             self._queue = self._queue_class = None
         self.pool.__class__ = self.library_class
 

@@ -224,7 +224,12 @@ class SQLAlchemyDriver(Driver):
         self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.is_async = bool(engine.pool._is_asyncio)  # noqa: SLF001 -- the flag telling async pools apart
-        self._originals: list[tuple[Pool, type[Pool], Any, type[Any] | None]] = []
+        # What guard() replaced, per pool, for detach(): held weakly, so that the pool an
+        # Engine.dispose() replaced is freed once nothing uses it (a strong list kept every
+        # pool of every dispose alive). The values hold classes only, never the pool.
+        self._library_classes: weakref.WeakKeyDictionary[Pool, tuple[type[Pool], type[Any] | None]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def managed_object(self) -> Any:
@@ -276,19 +281,24 @@ class SQLAlchemyDriver(Driver):
             raise
 
     def detach(self) -> None:
-        """Undo :meth:`guard` on every pool (used when registration fails halfway)."""
-        for pool, pool_class, queue, queue_class in reversed(self._originals):
-            if queue is not None and queue_class is not None:
+        """Undo :meth:`guard` on every live pool (registration failed halfway, or ``unwrap()``)."""
+        for pool, (pool_class, queue_class) in list(self._library_classes.items()):
+            queue = getattr(pool, "_pool", None)
+            if queue_class is not None and isinstance(queue, (_RefusingQueue, _GuardedAsyncQueue)):
                 queue.__class__ = queue_class
+                for attribute in ("_pk_keeper", "_pk_waiters"):
+                    vars(queue).pop(attribute, None)
             pool.__class__ = pool_class
-        self._originals.clear()
+            for attribute in ("_pk_driver", "_pk_keeper"):
+                vars(pool).pop(attribute, None)
+        self._library_classes.clear()
+        self.pools.clear()
 
     def guard(self, pool: Pool) -> None:
         """Give ``pool`` (and its queue) their guarded classes."""
         queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
-        original_queue_class = type(queue) if queue is not None else None
         library_class = next(cls for cls in type(pool).__mro__ if cls not in _guarded_classes.values())
-        self._originals.append((pool, library_class, queue, original_queue_class))
+        self._library_classes[pool] = (library_class, type(queue) if queue is not None else None)
         if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
             # Async waiters must be registered as they start waiting, so this class is in
             # place from the start; the sync queue is swapped only at refusal time.
