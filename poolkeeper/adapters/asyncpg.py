@@ -41,7 +41,7 @@ from poolkeeper._keeper import KeeperState
 from poolkeeper._redact import redact
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import RegistrationError
 
@@ -227,7 +227,11 @@ async def _cancel_in_one_query(pool: Any, connections: Sequence[Any], wait: floa
 
 
 async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: Any = None) -> None:
-    """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned."""
+    """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned.
+
+    Raises:
+        CancelNotConfirmedError: some cancel was abandoned (the caller cuts the connections anyway).
+    """
     wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
     if (
         pool is not None
@@ -235,15 +239,7 @@ async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: A
         and await _cancel_in_one_query(pool, connections, wait)
     ):
         return
-    cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections]
-    if not cancels:
-        return
-    await asyncio.wait(cancels, timeout=wait)
-    for cancel in cancels:
-        if not cancel.done():
-            cancel.cancel()
-        elif not cancel.cancelled() and cancel.exception() is not None:
-            logger.debug("poolkeeper: a cancel request failed", exc_info=cancel.exception())
+    await cancel_statements(connections, wait)
 
 
 def _cancel_later(connection: Any) -> CancelRequest:

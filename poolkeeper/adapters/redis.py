@@ -62,9 +62,18 @@ Pool = ConnectionPool | AsyncConnectionPool
 
 def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
-    keeper.admit()
-    connection = pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
-    if not keeper.lend(connection):
+    # Counted as out from here: connecting (and the health check) are round trips that closing
+    # may overtake; a checkout landing after forcing began is cut (issue 13, item 1).
+    keeper.start_checkout()
+    try:
+        connection = pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    except BaseException:
+        keeper.end_checkout()
+        raise
+    lent = keeper.lend(connection)
+    keeper.end_checkout()
+    if not lent:
+        connection.disconnect()  # the sweep of idle connections may be over: do not leave it open
         pool._pk_library_release(connection)  # noqa: SLF001
         raise keeper.refusal()
     return connection
@@ -80,9 +89,16 @@ def _release(pool: Any, connection: Any) -> None:
 
 async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
-    keeper.admit()
-    connection = await pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
-    if not keeper.lend(connection):
+    keeper.start_checkout()  # as in _get_connection: out for the drain while it connects
+    try:
+        connection = await pool._pk_library_get(*args, **options)  # noqa: SLF001 -- the pool class's own
+    except BaseException:
+        keeper.end_checkout()
+        raise
+    lent = keeper.lend(connection)
+    keeper.end_checkout()
+    if not lent:
+        await connection.disconnect()  # the sweep of idle connections may be over
         await pool._pk_library_release(connection)  # noqa: SLF001
         raise keeper.refusal()
     pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live

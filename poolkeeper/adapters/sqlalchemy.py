@@ -28,7 +28,7 @@ from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
-    cancel_statement,
+    cancel_statements,
     say_goodbye,
     shutdown_socket,
     socket_fd,
@@ -143,13 +143,22 @@ class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
 
 def _connect(pool: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
-    keeper.admit()
-    fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+    # Counted as out from here: connecting and pre-ping are round trips that closing may overtake.
+    keeper.start_checkout()
+    try:
+        fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+    except BaseException:
+        keeper.end_checkout()
+        raise
     # The record is the pool's unit of checkout. Its fairy_ref, SQLAlchemy's own weakref to the
     # fairy the user holds, tells on return whether the garbage collector collected the fairy.
     record = fairy._connection_record  # noqa: SLF001
-    if not keeper.lend(record, record.fairy_ref):
-        fairy.close()
+    lent = keeper.lend(record, record.fairy_ref)
+    keeper.end_checkout()  # after lend(): the checkout is never out of sight of the drain
+    if not lent:
+        # Landed after forcing began: the force-close and the sweep of idle connections may
+        # be over, so close the connection now rather than put it back in the pool.
+        fairy.invalidate()
         raise keeper.refusal()
     return fairy
 
@@ -330,16 +339,10 @@ class SQLAlchemyDriver(Driver):
                 connections_to_cancel = connections
         else:
             connections_to_cancel = connections
-        cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections_to_cancel]
         try:
-            if cancels:
-                await asyncio.wait(cancels, timeout=wait or None)
+            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
+            await cancel_statements(connections_to_cancel, wait or None)
         finally:  # also when cancelled while the cancel requests wait on a silent server
-            for cancel in cancels:
-                if not cancel.done():
-                    cancel.cancel()
-                elif not cancel.cancelled():
-                    cancel.exception()  # a failed cancel still gets its socket cut below
             for connection in connections:
                 fd = socket_fd(connection)
                 if fd is not None:
