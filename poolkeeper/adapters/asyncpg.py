@@ -38,7 +38,7 @@ from asyncpg import connect_utils
 
 from poolkeeper._concurrency import run_on_loop
 from poolkeeper._keeper import KeeperState
-from poolkeeper._redact import redact
+from poolkeeper._redact import redact, secret_values
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
@@ -289,7 +289,7 @@ def _as_list(value: Any) -> list[str]:
 def _configured_target(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, list[str]]:
     """``host:port/database`` and the passwords, from the pool's connect arguments (asyncpg's precedence)."""
     dsn = args[0] if args and isinstance(args[0], str) else None
-    secrets = [kwargs["password"]] if isinstance(kwargs.get("password"), str) else []
+    secrets = secret_values(kwargs)  # password=, sslpassword=
     hosts, ports, database = _as_list(kwargs.get("host")), _as_list(kwargs.get("port")), kwargs.get("database")
     if dsn:
         parts = urllib.parse.urlsplit(dsn)
@@ -297,8 +297,7 @@ def _configured_target(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str
         if ":" in userinfo:
             secrets.append(urllib.parse.unquote(userinfo.partition(":")[2]))
         query = dict(urllib.parse.parse_qsl(parts.query))
-        if "password" in query:
-            secrets.append(query["password"])
+        secrets += secret_values(query)  # password=, sslpassword=
         if not hosts:
             pairs = [_split_port(urllib.parse.unquote(spec)) for spec in hostspec.split(",") if spec]
             hosts = _as_list(query.get("host")) or [host for host, _ in pairs]

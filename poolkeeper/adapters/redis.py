@@ -38,6 +38,7 @@ from redis.connection import BlockingConnectionPool, ConnectionPool, SSLConnecti
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._grammar import with_article
+from poolkeeper._redact import secret_values
 from poolkeeper.adapters._abort import shutdown_socket
 from poolkeeper.adapters._base import Driver
 from poolkeeper.errors import PoolClosedError, RegistrationError
@@ -282,9 +283,8 @@ class RedisDriver(Driver):
         return f"{'rediss' if tls else 'redis'}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
     def secrets(self) -> tuple[str, ...]:
-        """The password (and TLS key password), to be scrubbed from error texts."""
-        kwargs = self.pool.connection_kwargs
-        return tuple(str(kwargs[key]) for key in ("password", "ssl_password") if kwargs.get(key))
+        """The password, the TLS key password and any other secret connect argument, to be scrubbed."""
+        return tuple(dict.fromkeys(secret_values(self.pool.connection_kwargs)))
 
     def idle_count(self) -> int:
         """Connected connections in the pool's free list (disconnected ones kept for reuse do not count)."""

@@ -25,6 +25,7 @@ from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
+from poolkeeper._redact import is_secret_key, secret_values
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
@@ -246,13 +247,16 @@ class SQLAlchemyDriver(Driver):
         return self.loop
 
     def describe(self) -> str:
-        """The engine URL with its password masked."""
-        return self.engine.url.render_as_string(hide_password=True)
+        """The engine URL with its password and secret query parameters (``sslpassword``...) masked."""
+        url = self.engine.url
+        masked = {key: "***" for key in url.query if is_secret_key(key)}
+        return url.update_query_dict(masked).render_as_string(hide_password=True)
 
     def secrets(self) -> tuple[str, ...]:
-        """The URL's password, to be scrubbed from error texts."""
-        password = self.engine.url.password
-        return (str(password),) if password else ()
+        """The URL's password and secret query parameters, to be scrubbed from error texts."""
+        url = self.engine.url
+        found = [str(url.password)] if url.password else []
+        return tuple(dict.fromkeys([*found, *secret_values(url.query)]))
 
     def idle_count(self) -> int | None:
         """Connections checked in to the engine's pools (``QueuePool.checkedin()``).
