@@ -20,7 +20,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool, Pool, QueuePool
+from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
@@ -419,8 +419,18 @@ class SQLAlchemyDriver(Driver):
             pool._pk_library_dispose()  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
 
     async def close_connections(self) -> None:
-        """Close the idle connections of every pool (in a thread, or on the engine's loop)."""
-        pools = list(self.pools)
+        """Close the idle connections of every pool (in a thread, or on the engine's loop).
+
+        Raises:
+            ThreadBoundConnectionsError: some connections can be closed only by the thread
+                that opened them (sqlite3), and that thread is not this one.
+        """
+        # SingletonThreadPool (SQLite :memory:) first, in this very thread: the one that called
+        # close()/aclose(), which for a script is the one that used the engine. sqlite3 refuses
+        # a close from any other thread, and SQLAlchemy only logs that refusal (issue 13, item 2).
+        singletons = [pool for pool in self.pools if isinstance(pool, SingletonThreadPool)]
+        pools = [pool for pool in self.pools if pool not in singletons]
+        failures = [failure for pool in singletons for failure in _close_in_this_thread(pool)]
 
         def close_all() -> None:
             for pool in pools:
@@ -429,8 +439,39 @@ class SQLAlchemyDriver(Driver):
         if self.is_async:
             if self.loop is not None:  # None: never used, no connection was ever opened
                 await run_on_loop(self.loop, greenlet_spawn(close_all))
-            return
-        await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        else:
+            await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        if failures:
+            raise ThreadBoundConnectionsError(
+                f"{len(failures)} connection(s) could not be closed from the thread closing the registry "
+                f"({'; '.join(sorted(set(failures)))}); they stay open until the threads that opened them close them"
+            )
+
+
+class ThreadBoundConnectionsError(Exception):
+    """Connections that only the thread which opened them may close (sqlite3) are still open."""
+
+
+def _close_in_this_thread(pool: Pool) -> list[str]:
+    """Close every connection of a ``SingletonThreadPool`` that this thread may close; the others' errors.
+
+    The library's own ``dispose()`` swallows the error sqlite3 raises for a connection opened by
+    another thread: the connection stays open and nothing says so. Here the driver-level close
+    runs first, so that a refusal is seen; the library then forgets the closed ones.
+    """
+    failures: list[str] = []
+    records = pool._all_conns  # type: ignore[attr-defined]  # noqa: SLF001 -- every thread's connection
+    for record in list(records):
+        connection = record.dbapi_connection
+        if connection is not None:
+            try:
+                pool._dialect.do_close(connection)  # noqa: SLF001 -- what Pool._close_connection calls, unswallowed
+            except Exception as error:  # noqa: BLE001 -- reported by the caller
+                failures.append(f"{type(error).__name__}: {error}")
+                continue
+            record.close()  # the library's bookkeeping (its "close" event); closing twice is harmless
+        records.discard(record)
+    return failures
 
 
 def make_driver(resource: Any) -> SQLAlchemyDriver:
