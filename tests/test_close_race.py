@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
@@ -170,3 +171,36 @@ def test_a_checkout_landing_after_the_drain_deadline_is_cut_and_reported(make_en
     assert isinstance(borrower.error, PoolClosedError)
     assert registry["db"].borrowed == 0
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+def test_a_redis_command_still_connecting_when_closing_starts_is_drained(redis_url):
+    """redis-py: close() waits for a command whose connection is still being opened; the command then succeeds."""
+    connecting, release = threading.Event(), threading.Event()
+
+    class SlowToConnect(redis.Connection):
+        def connect(self, *args: Any, **kwargs: Any) -> None:
+            if not connecting.is_set():
+                connecting.set()
+                release.wait(10)
+            super().connect(*args, **kwargs)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=SlowToConnect)
+    client = redis.Redis(connection_pool=pool)
+    registry = Registry(drain_timeout=10)
+    registry.wrap(client, name="cache")
+    answers: list[Any] = []
+    command = threading.Thread(target=lambda: answers.append(client.ping()), daemon=True)
+    command.start()
+    assert connecting.wait(5)
+
+    closing, result = close_in_thread(registry)
+    until(lambda: registry["cache"].state is not KeeperState.OPEN)
+    closing.join(0.3)  # a negative: closing must still be waiting for the command in flight
+    assert closing.is_alive()
+    release.set()
+    closing.join(5)
+    command.join(5)
+
+    assert answers == [True]
+    item = result[0]["cache"]
+    assert (item.outcome, item.borrowed_at_start, item.returned, item.forced) == ("clean", 1, 1, 0)
