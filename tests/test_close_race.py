@@ -20,7 +20,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from poolkeeper import KeeperState, PoolClosedError, Registry
+from poolkeeper import KeeperState, PoolClosedError, Registry, ShutdownReport
 from tests.conftest import Server
 from tests.test_sqlalchemy_sync import Borrower, close_in_thread
 from tests.waiting import until
@@ -128,6 +128,18 @@ def hold_first_checkout(engine: sa.Engine) -> tuple[threading.Event, threading.E
     return in_flight, release
 
 
+def close_while_in_flight(registry: Registry, name: str, release: threading.Event) -> ShutdownReport:
+    """Close ``registry``; check that it waits for the checkout in flight; then let that checkout land."""
+    closing, result = close_in_thread(registry)
+    until(lambda: registry[name].state is not KeeperState.OPEN)
+    closing.join(0.3)  # a negative: closing must still be waiting for the checkout in flight
+    assert closing.is_alive()
+    release.set()
+    closing.join(5)
+    report: ShutdownReport = result[0]
+    return report
+
+
 def test_a_checkout_still_connecting_when_closing_starts_is_drained(make_engine):
     """close() waits for a checkout admitted before it and still in flight; the borrower then works and returns."""
     engine = make_engine(pool_pre_ping=True)
@@ -138,16 +150,11 @@ def test_a_checkout_still_connecting_when_closing_starts_is_drained(make_engine)
     borrower.start()
     assert in_flight.wait(5)
 
-    closing, result = close_in_thread(registry)
-    until(lambda: registry["db"].state is not KeeperState.OPEN)
-    closing.join(0.3)  # a negative: closing must still be waiting for the checkout in flight
-    assert closing.is_alive()
-    release.set()
-    closing.join(5)
+    report = close_while_in_flight(registry, "db", release)
     borrower.join(5)
 
     assert borrower.error is None
-    item = result[0]["db"]
+    item = report["db"]
     assert (item.outcome, item.borrowed_at_start, item.returned, item.forced) == ("clean", 1, 1, 0)
 
 
@@ -193,14 +200,9 @@ def test_a_redis_command_still_connecting_when_closing_starts_is_drained(redis_u
     command.start()
     assert connecting.wait(5)
 
-    closing, result = close_in_thread(registry)
-    until(lambda: registry["cache"].state is not KeeperState.OPEN)
-    closing.join(0.3)  # a negative: closing must still be waiting for the command in flight
-    assert closing.is_alive()
-    release.set()
-    closing.join(5)
+    report = close_while_in_flight(registry, "cache", release)
     command.join(5)
 
     assert answers == [True]
-    item = result[0]["cache"]
+    item = report["cache"]
     assert (item.outcome, item.borrowed_at_start, item.returned, item.forced) == ("clean", 1, 1, 0)
