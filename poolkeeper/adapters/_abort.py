@@ -152,17 +152,25 @@ async def cancel_statements(connections: Sequence[Any], wait: float | None) -> N
     try:
         await asyncio.wait(cancels, timeout=wait)
     finally:  # also when cancelled while the requests wait on a silent server
-        for cancel in cancels:
-            if not cancel.done():
-                cancel.cancel()
-            cancel.add_done_callback(_retrieve)
-    reasons = [_unconfirmed(cancel, wait) for cancel in cancels]
-    unconfirmed = [reason for reason in reasons if reason is not None]
+        _abandon(cancels)
+    unconfirmed = [reason for reason in map(_unconfirmed, cancels, [wait] * len(cancels)) if reason is not None]
+    total = len(cancels)
+    # The error's traceback keeps this frame alive (in a log record, say): it must not keep the
+    # requests, whose own errors hold the cancel connections' sockets open until a gc pass.
+    cancels.clear()
     if unconfirmed:
         raise CancelNotConfirmedError(
-            f"the server did not confirm the cancel of {len(unconfirmed)} of {len(cancels)} running "
+            f"the server did not confirm the cancel of {len(unconfirmed)} of {total} running "
             f"statement(s) ({'; '.join(sorted(set(unconfirmed)))}); they may still be running on the server"
         )
+
+
+def _abandon(cancels: Sequence[asyncio.Future[bool]]) -> None:
+    """Cancel the requests still waiting; every outcome is retrieved, so asyncio logs none as lost."""
+    for cancel in cancels:
+        if not cancel.done():
+            cancel.cancel()
+        cancel.add_done_callback(_retrieve)
 
 
 def _unconfirmed(cancel: asyncio.Future[bool], wait: float | None) -> str | None:
