@@ -12,7 +12,17 @@ from poolkeeper._concurrency import run_blocking
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-__all__ = ["Hook"]
+__all__ = ["Hook", "HookEscapeError"]
+
+
+class HookEscapeError(Exception):
+    """An async hook raised ``SystemExit`` or ``KeyboardInterrupt``; the original is ``__cause__``.
+
+    Left as they are, these two escape the hook's task and stop the event loop that runs the
+    whole shutdown (asyncio re-raises them out of the loop). Wrapped, the hook is reported as
+    failed like any other, the rest still close, and the registry re-raises the original once
+    the shutdown has finished (issue 13, item 4).
+    """
 
 
 #: While a hook runs: (the registry running it, the hook's name). Lets the registry refuse to be
@@ -53,6 +63,8 @@ class Hook:
         self.fn = fn
         self.depends_on: tuple[str, ...] = tuple(depends_on)
         self.timeout = timeout
+        #: ``SystemExit`` / ``KeyboardInterrupt`` the async hook raised, re-raised after the shutdown.
+        self.escaped: BaseException | None = None
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 -- an object whose __call__ is async
         )
@@ -65,7 +77,11 @@ class Hook:
         # Runs in a task of its own: the marker stays in this task (and the hook's thread).
         running_hook.set((self.owner, self.name))
         if self.is_async:
-            await self.fn()
+            try:
+                await self.fn()
+            except (SystemExit, KeyboardInterrupt) as error:
+                self.escaped = error
+                raise HookEscapeError(f"{type(error).__name__} raised in hook {self.name!r}") from error
             return
         context = contextvars.copy_context()
         result = await run_blocking(lambda: context.run(self.fn), name=f"poolkeeper-hook-{self.name}")

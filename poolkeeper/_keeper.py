@@ -9,6 +9,7 @@ No I/O happens here; the adapter's driver (``poolkeeper.adapters``) does that, a
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import logging
@@ -87,8 +88,15 @@ class Keeper:
         self._lock = GcSafeLock()
         self._state = KeeperState.OPEN
         self._borrows: dict[Any, Entry] = {}
+        # Checkouts admitted by start_checkout() and not yet lent or abandoned: one item each.
+        # A deque because append() and pop() are atomic without the lock (the checkout path
+        # takes none); only its length means anything. They count as out for the drain.
+        self._checkouts_in_flight: collections.deque[None] = collections.deque()
         self._gc_leaks: list[Borrower] = []
         self._force_requested = False
+        # Set (under the lock) once a closer has seen the keeper drained: from then on a late
+        # lend() is refused, since the closer will not wait for it (issue 13, item 1).
+        self._drain_seen = False
         self._drain_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread_waiters: list[threading.Event] = []
         self._returned_while_draining = 0
@@ -190,6 +198,36 @@ class Keeper:
         if self._state is not _OPEN:
             raise self.refusal()
 
+    # Issue 13 (item 1): a checkout admitted while open whose connect or pre-ping round trip is
+    # still in flight when closing starts used to be invisible to the drain: wait_drained() saw
+    # nothing borrowed, the report said clean, and the connection was lent afterwards. Adapters
+    # whose checkout does I/O between admission and lend() use start_checkout() instead of
+    # admit(), then lend() and end_checkout() (also when the checkout fails): until it ends, the
+    # checkout counts as out, and one landing after forcing began is refused by lend().
+
+    def start_checkout(self) -> None:
+        """:meth:`admit`, counting the checkout as out until :meth:`end_checkout`."""
+        self._checkouts_in_flight.append(None)  # before reading the state: see end_checkout()
+        if self._state is not _OPEN:
+            self.end_checkout()
+            raise self.refusal()
+
+    def end_checkout(self) -> None:
+        """A checkout begun by :meth:`start_checkout` was lent (call after :meth:`lend`) or failed.
+
+        The closer flips the state, then reads the count; a checkout counts itself, then reads
+        the state. So either the checkout saw closing and leaves, or the closer sees it.
+        """
+        self._checkouts_in_flight.pop()
+        if self._state is not _OPEN:
+            with self._lock:
+                self._wake_if_drained()
+
+    @property
+    def checkouts_in_flight(self) -> int:
+        """Checkouts admitted and still connecting (or pinging): not lent yet, but out for the drain."""
+        return len(self._checkouts_in_flight)
+
     def lend(self, connection: Any, holder: Any = None) -> bool:
         """``connection`` has been checked out; returns False if it must be given back and refused.
 
@@ -215,7 +253,7 @@ class Keeper:
         # A checkout completing after closing started: drained like the rest while draining,
         # refused once forcing began (the force-close has already passed it over).
         with self._lock:
-            if self._state is KeeperState.DRAINING:
+            if self._state is KeeperState.DRAINING and not self._drain_seen:
                 return True
             self._borrows.pop(connection, None)
             return False
@@ -283,7 +321,7 @@ class Keeper:
         # Called with the lock held.
         if self._state is KeeperState.OPEN:
             return
-        if self._force_requested or not self._borrows:
+        if self._force_requested or self.drained:
             waiters, self._drain_waiters = self._drain_waiters, []
             for loop, future in waiters:
                 wake_soon(loop, future)
@@ -334,8 +372,8 @@ class Keeper:
 
     @property
     def drained(self) -> bool:
-        """True when nothing is borrowed."""
-        return not self._borrows
+        """True when nothing is borrowed and no admitted checkout is still on its way."""
+        return not self._borrows and not self._checkouts_in_flight
 
     @property
     def returned_while_draining(self) -> int:
@@ -346,7 +384,7 @@ class Keeper:
         """Wait, event-driven, until nothing is borrowed; False on timeout or a forced close."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self.drained:
+            if self._note_drained():
                 return True
             if self._force_requested:
                 return False
@@ -358,13 +396,20 @@ class Keeper:
             with self._lock:
                 if (loop, future) in self._drain_waiters:
                     self._drain_waiters.remove((loop, future))
+                drained = self._note_drained()
+        return drained
+
+    def _note_drained(self) -> bool:
+        # Called with the lock held, by a closer: the drain is over if nothing is out.
+        if self._state is not KeeperState.OPEN and self.drained:
+            self._drain_seen = True
         return self.drained
 
     def wait_drained_blocking(self, timeout: float | None) -> bool:
         """Thread-blocking twin of :meth:`wait_drained`, for code with no event loop."""
         event = threading.Event()
         with self._lock:
-            if self.drained:
+            if self._note_drained():
                 return True
             if self._force_requested:
                 return False
@@ -373,7 +418,7 @@ class Keeper:
         with self._lock:
             if event in self._thread_waiters:
                 self._thread_waiters.remove(event)
-            return self.drained
+            return self._note_drained()
 
     def start_forcing(self) -> list[Borrow]:
         """DRAINING -> FORCING; returns the borrows still out, to be force-closed."""

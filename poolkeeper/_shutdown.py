@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._hooks import Hook
+from poolkeeper._hooks import Hook, HookEscapeError
 from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._redact import redact
 from poolkeeper._report import Outcome, ResourceReport, ShutdownReport
@@ -202,7 +202,8 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     cancelled: asyncio.CancelledError | None = None
     if not clean:
         borrows = keeper.start_forcing()
-        forced = len(borrows)
+        # Checkouts still connecting are cut too: lend() refuses them when they land.
+        forced = len(borrows) + keeper.checkouts_in_flight
         leaks = tuple(borrow.view(keeper.name) for borrow in borrows)
         if borrows:
             # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
@@ -262,7 +263,7 @@ async def run_hook(hook: Hook, finish_by: float | None, forced: asyncio.Future[N
     elif running.cancelled():
         error = "cancelled"
     elif (exc := running.exception()) is not None:
-        error = _error_text(exc, ())
+        error = _error_text(exc.__cause__ if isinstance(exc, HookEscapeError) and exc.__cause__ else exc, ())
         logger.warning(
             "poolkeeper hook %r failed",
             hook.name,
@@ -400,4 +401,10 @@ async def run_shutdown(
         publish(report)
     if interrupted is not None:
         raise interrupted
+    # SystemExit or KeyboardInterrupt from an async hook did not stop the cleanup (the hook is
+    # reported failed); now that everything is closed, the intent it carried goes on, as
+    # asyncio's TaskGroup does. Sync hooks run in threads, where sys.exit() ends only the thread.
+    escaped = next((item.escaped for item in items.values() if isinstance(item, Hook) and item.escaped), None)
+    if escaped is not None:
+        raise escaped
     return report

@@ -90,7 +90,7 @@ class _Interceptor:
     """
 
     def __init__(self, wanted: tuple[signal.Signals, ...], react: _Reaction, on_caught: Callable[[], object]) -> None:
-        self._wanted = wanted
+        self.wanted = wanted
         self._react = react
         self._on_caught = on_caught
         self._previous: dict[signal.Signals, _Handler] = {}
@@ -112,7 +112,7 @@ class _Interceptor:
             ValueError: a signal cannot be handled (SIGKILL...); nothing stays installed.
         """
         previous: dict[signal.Signals, _Handler] = {}
-        for sig in self._wanted:
+        for sig in self.wanted:
             handler = signal.getsignal(sig)
             if handler == signal.SIG_IGN:
                 logger.info("poolkeeper: %s is ignored in this process; it stays ignored", sig.name)
@@ -146,6 +146,11 @@ class _Interceptor:
                 raise ValueError(f"signals: cannot handle {sig.name}: {error}") from error
             installed.append(sig)
         self.installed = tuple(installed)
+
+    @property
+    def in_place(self) -> bool:
+        """True while installed and still the handler of at least one of its signals."""
+        return self._active and any(signal.getsignal(sig) is self._handler for sig in self.installed)
 
     def uninstall(self) -> None:
         """Restore the replaced handlers; idempotent."""
@@ -327,6 +332,37 @@ def check_registry(registry: object) -> Registry:
     return registry
 
 
+# The handlers install_signal_handlers() put in place, while they are: a second call returns
+# them rather than chaining a second set in front of the first (one SIGTERM would then reach
+# poolkeeper twice and count as the "second signal" that force-closes everything).
+_installed: SignalHandlers | None = None
+
+
+def _already_installed(
+    registry: Registry, wanted: tuple[signal.Signals, ...], delay: float, deadline: float | None
+) -> SignalHandlers | None:
+    """The handlers in place if they are the ones asked for; raise naming what differs; None if none."""
+    current = _installed
+    if current is None or not current._interceptor.in_place:  # noqa: SLF001 -- the handle owns its interceptor
+        return None
+    differences = [
+        argument
+        for argument, same in (
+            ("registry", current.registry is registry),
+            ("signals", set(current._interceptor.wanted) == set(wanted)),  # noqa: SLF001
+            ("delay", current.delay == delay),
+            ("deadline", current.deadline == deadline),
+        )
+        if not same
+    ]
+    if differences:
+        raise ValueError(
+            f"{', '.join(differences)}: poolkeeper's signal handlers are already installed ({current!r}) with "
+            f"another {' and '.join(differences)}; call .uninstall() on them before installing others"
+        )
+    return current
+
+
 def install_signal_handlers(
     registry: Registry | None = None,
     *,
@@ -347,6 +383,9 @@ def install_signal_handlers(
     (and is passed on as well, where there is a handler to pass it to).
 
     Must be called from the main thread; anywhere else it installs nothing and warns.
+    Idempotent: while they are installed, a second call with the same arguments returns the
+    same handlers (one ``uninstall()`` removes them); with other arguments it raises
+    ``ValueError`` naming them, rather than chaining a second set in front of the first.
 
     Args:
         registry: the registry to drain and close (default: :func:`poolkeeper.get_registry`).
@@ -360,15 +399,19 @@ def install_signal_handlers(
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: ``delay``/``deadline`` is negative, NaN or infinite, or a signal cannot be
-            handled.
+        ValueError: ``delay``/``deadline`` is negative, NaN or infinite, a signal cannot be
+            handled, or handlers with other arguments are already installed.
     """
+    global _installed  # noqa: PLW0603 -- one set of handlers per process, like the signals themselves
     checked = check_registry(registry)
     wanted = check_signals("signals", signals)
-    seconds = check_timeout("delay", delay, allow_none=False)
+    seconds = check_timeout("delay", delay, allow_none=False) or 0.0
     bound = check_timeout("deadline", deadline)
-    handlers = SignalHandlers(checked, wanted, delay=seconds or 0.0, deadline=bound)
-    if threading.current_thread() is not threading.main_thread():
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread and (current := _already_installed(checked, wanted, seconds, bound)) is not None:
+        return current
+    handlers = SignalHandlers(checked, wanted, delay=seconds, deadline=bound)
+    if not on_main_thread:
         warnings.warn(
             "poolkeeper.install_signal_handlers() was called off the main thread; Python lets only the "
             "main thread install signal handlers, so none were installed",
@@ -377,4 +420,5 @@ def install_signal_handlers(
         )
         return handlers
     handlers._interceptor.install()  # noqa: SLF001 -- the handle owns its interceptor
+    _installed = handlers
     return handlers

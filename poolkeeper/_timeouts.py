@@ -18,27 +18,38 @@ def check_timeout(argument: str, value: object, *, allow_none: bool = True) -> f
 
     Raises:
         TypeError: ``value`` is not a number (``bool`` is refused too).
-        ValueError: ``value`` is negative, NaN or infinite.
+        ValueError: ``value`` is negative, NaN or infinite (or an integer too large for a float).
     """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         expected = "a number of seconds or None" if allow_none else "a number of seconds"
         raise TypeError(f"{argument} must be {expected}, got {value!r}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float (10**400) is not a usable number of seconds
+        seconds = math.inf
     if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
         raise ValueError(f"{argument} must be a finite number of seconds >= 0, got {value!r}")
     return seconds
 
 
 def check_name(argument: str, value: object) -> str | None:
-    """Return ``value`` if it is ``None`` or a usable name, else raise naming ``argument``."""
+    """Return ``value`` if it is ``None`` or a usable name, else raise naming ``argument``.
+
+    A name is shown in one cell of the report table and in log lines: a newline, a tab or any
+    other non-printable character would break them (or forge a line), so it is refused.
+    """
     if value is None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{argument} must be a string or None, got {value!r}")
     if not value.strip():
         raise ValueError(f"{argument} must not be empty or blank")
+    if not value.replace(" ", "x").isprintable():
+        raise ValueError(
+            f"{argument} must contain only printable characters (no newline, tab or control character), got {value!r}"
+        )
     return value
 
 

@@ -24,7 +24,16 @@ import poolkeeper
 from poolkeeper import KeeperState, RegistrationError, Registry, ShutdownReport, UnsupportedResourceError
 from poolkeeper import fastapi as poolkeeper_fastapi
 
-BAD_SECONDS = [-1, -0.5, math.nan, math.inf, -math.inf]
+# Integers too large for a float (10**400) used to escape as OverflowError.
+BAD_SECONDS = [
+    -1,
+    -0.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+    pytest.param(10**400, id="10**400"),
+    pytest.param(-(10**400), id="-10**400"),
+]
 NOT_SECONDS = ["5", b"5", [5], True]
 
 
@@ -103,6 +112,24 @@ def test_empty_or_blank_names_are_refused_and_nothing_is_registered(how, bad):
     with pytest.raises(ValueError, match=r"^name must not be empty or blank"):
         register(registry, how, engine, name=bad)
     assert (len(registry), is_guarded(engine)) == (0, False)
+
+
+@pytest.mark.parametrize("bad", ["db\nforged  sqlalchemy  clean", "db\r", "a\tb", "db\x1b[31m", "db\x00", "db\u2028x"])
+@pytest.mark.parametrize("how", ["wrap", "on_shutdown"])
+def test_names_with_newlines_or_control_characters_are_refused(how, bad):
+    """A name that would break (or forge) a line of the report table is a ValueError naming `name`."""
+    registry, engine = Registry(), sqlite_engine()
+    with pytest.raises(ValueError, match=r"^name must contain only printable characters"):
+        register(registry, how, engine, name=bad)
+    assert (len(registry), is_guarded(engine)) == (0, False)
+
+
+def test_names_with_spaces_and_non_ascii_letters_are_accepted():
+    """Spaces and non-ASCII letters are printable: such names are kept as given."""
+    registry = Registry()
+    registry.wrap(sqlite_engine(), name="main db é")
+    registry.on_shutdown(lambda: None, name="flush métriques")
+    assert [item.name for item in registry.close()] == ["main db é", "flush métriques"]
 
 
 @pytest.mark.parametrize("bad", [5, b"db", ["db"], object()])

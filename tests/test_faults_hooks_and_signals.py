@@ -131,6 +131,43 @@ def test_a_sync_hook_calling_sys_exit_is_a_failure_of_that_hook_only(make_engine
     assert (report["db"].outcome, report["db"].returned) == ("clean", 1)
 
 
+@pytest.mark.parametrize("escape", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+def test_an_async_hook_raising_system_exit_fails_alone_and_the_exit_follows_the_shutdown(make_engine, escape):
+    """SystemExit/KeyboardInterrupt from an async hook: that hook fails, the rest close normally, then it propagates."""
+    registry, give_back = registry_with_a_draining_engine(make_engine)
+    finished: list[str] = []
+
+    async def exits() -> None:
+        raise escape
+
+    async def flush() -> None:
+        await asyncio.sleep(0.2)  # still running when the other hook raises
+        finished.append("flush")
+
+    registry.on_shutdown(exits, name="exits")
+    registry.on_shutdown(flush, name="flush")
+
+    def give_back_later() -> None:  # the borrower's work ends 0.3 s into the drain, after the hook raised
+        while not registry.draining:  # no event exists for "the registry started closing"
+            time.sleep(0.002)
+        time.sleep(0.3)
+        give_back.set()
+
+    threading.Thread(target=give_back_later, daemon=True).start()
+
+    with pytest.raises(type(escape)) as raised:
+        registry.close()
+
+    assert raised.value is escape  # the very exception, once everything has closed
+    report = registry.report
+    assert report is not None
+    expected_error = "SystemExit: 3" if isinstance(escape, SystemExit) else "KeyboardInterrupt"
+    assert (report["exits"].outcome, report["exits"].error) == ("failed", expected_error)
+    assert (report["flush"].outcome, finished) == ("clean", ["flush"])
+    assert (report["db"].outcome, report["db"].returned, report["db"].forced) == ("clean", 1, 0)
+    assert registry.closed
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="limitation: an async hook that blocks the event loop (time.sleep inside async def) stops the whole "

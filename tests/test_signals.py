@@ -6,6 +6,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,47 @@ def test_bad_arguments_are_refused_naming_them(arguments, error, message):
     with pytest.raises(error, match=message):
         poolkeeper.install_signal_handlers(**arguments)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_installing_twice_returns_the_same_handlers_and_one_signal_is_still_one(sigusr1_handler, caplog):
+    """A second install_signal_handlers() call is a no-op: one signal is never taken for a second one."""
+    registry = Registry()
+    original = signal.getsignal(signal.SIGUSR1)
+    with caplog.at_level("INFO", logger="poolkeeper.signals"):
+        first = poolkeeper.install_signal_handlers(registry, signals=[signal.SIGUSR1])
+        second = poolkeeper.install_signal_handlers(registry, signals=[signal.SIGUSR1])
+        try:
+            signal.raise_signal(signal.SIGUSR1)
+            assert sigusr1_handler.wait(2)
+        finally:
+            second.uninstall()
+    assert second is first
+    assert signal.getsignal(signal.SIGUSR1) is original
+    assert registry.draining
+    assert not registry.closed
+    assert [r.getMessage() for r in caplog.records if "received" in r.getMessage()] == [
+        "poolkeeper: SIGUSR1 received: draining; passing it on in 0s"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("other", "named"),
+    [
+        ({"registry": Registry()}, "registry"),
+        ({"delay": 1.0}, "delay"),
+        ({"deadline": 5.0}, "deadline"),
+        ({"signals": [signal.SIGUSR1, signal.SIGUSR2]}, "signals"),
+    ],
+)
+@pytest.mark.usefixtures("sigusr1_handler")
+def test_installing_again_with_other_arguments_is_refused_naming_them(other, named):
+    """While installed, a call with another registry, delay, deadline or signals is a ValueError naming it."""
+    registry = Registry()
+    arguments: dict[str, Any] = {"registry": registry, "signals": [signal.SIGUSR1]}
+    with poolkeeper.install_signal_handlers(**arguments) as installed:
+        with pytest.raises(ValueError, match=rf"^{named}: poolkeeper's signal handlers are already installed"):
+            poolkeeper.install_signal_handlers(**{**arguments, **other})
+        assert installed._interceptor.in_place  # the first handlers are untouched
+    again = poolkeeper.install_signal_handlers(**{**arguments, **other})  # once uninstalled: allowed
+    again.uninstall()
+    assert again is not installed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -378,5 +379,51 @@ def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_eng
     assert time.monotonic() - started < 2.0
     assert all(borrower.error is not None for borrower in borrowers)
     assert report["db"].forced == 12
+    assert report["db"].error is None  # every cancel was confirmed by the server
+    # A confirmed cancel is delivered, not yet acted on: the backend ends its statement at its
+    # next interrupt check, moments after close() returned (see docs/lifecycle.md).
     assert server.settle(lambda: server.running("pg_sleep") == []), "the cancel (a signal) never ended the query"
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+def test_an_in_memory_sqlite_engine_is_really_closed(caplog):
+    """sqlite:// (SingletonThreadPool): close() closes the sqlite3 connection itself, in the thread sqlite3 requires."""
+    engine = sa.create_engine("sqlite://")
+    registry = Registry()
+    registry.wrap(engine, name="db")
+    with engine.connect() as connection:
+        connection.execute(sa.text("select 1"))
+        raw = connection.connection.dbapi_connection
+    assert raw is not None
+
+    report = registry.close()
+
+    assert (report["db"].outcome, report["db"].error) == ("clean", None)
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        raw.execute("select 1")
+    assert "Exception closing connection" not in caplog.text
+
+
+def test_an_in_memory_sqlite_connection_of_another_thread_is_reported_not_closed():
+    """A sqlite3 connection opened by another thread cannot be closed from here: the report says failed and why."""
+    engine = sa.create_engine("sqlite://")
+    registry = Registry()
+    registry.wrap(engine, name="db")
+    opened: list[Any] = []
+
+    def use() -> None:
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+            opened.append(connection.connection.dbapi_connection)
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join()
+
+    report = registry.close()
+
+    item = report["db"]
+    assert (item.outcome, report.ok) == ("failed", False)
+    assert item.error is not None
+    assert "1 connection(s) could not be closed from the thread closing the registry" in item.error
+    assert "same thread" in item.error  # sqlite3's own reason

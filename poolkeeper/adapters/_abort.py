@@ -21,11 +21,23 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poolkeeper._concurrency import run_blocking
 
-__all__ = ["BATCH_CANCEL_FROM", "MAX_CANCEL_WAIT", "cancel_statement", "say_goodbye", "shutdown_socket", "socket_fd"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "BATCH_CANCEL_FROM",
+    "MAX_CANCEL_WAIT",
+    "CancelNotConfirmedError",
+    "cancel_statement",
+    "cancel_statements",
+    "say_goodbye",
+    "shutdown_socket",
+    "socket_fd",
+]
 
 #: How long a force-close waits for its cancel requests before cutting the sockets anyway. A
 #: server that answers at all answers in milliseconds; one that does not must not hold the
@@ -114,6 +126,67 @@ async def _psycopg_cancel(connection: Any, timeout: float) -> None:
         await cancel_safe(timeout=timeout)
     else:
         await run_blocking(lambda: cancel_safe(timeout=timeout), name="poolkeeper-pg-cancel")
+
+
+class CancelNotConfirmedError(Exception):
+    """The server did not confirm the cancel of some running statements: they may still run there.
+
+    Raised by a driver's ``force_close`` once its sockets are cut anyway; the shutdown reports
+    the keeper as ``failed`` with this text, never as a clean force (issue 13, item 3).
+    """
+
+
+async def cancel_statements(connections: Sequence[Any], wait: float | None) -> None:
+    """Cancel every connection's statement at once, waiting up to ``wait`` seconds for the server.
+
+    "Confirmed" means the server answered the cancel request (it closes the request's
+    connection once it has signalled the backend, which then stops at its next interrupt
+    check); it does not mean the backend has finished yet.
+
+    Raises:
+        CancelNotConfirmedError: a cancel request failed or got no answer within ``wait``.
+    """
+    cancels = [asyncio.ensure_future(cancel_statement(connection, wait or 30.0)) for connection in connections]
+    if not cancels:
+        return
+    try:
+        await asyncio.wait(cancels, timeout=wait)
+    finally:  # also when cancelled while the requests wait on a silent server
+        _abandon(cancels)
+    unconfirmed = [reason for reason in map(_unconfirmed, cancels, [wait] * len(cancels)) if reason is not None]
+    total = len(cancels)
+    # The error's traceback keeps this frame alive (in a log record, say): it must not keep the
+    # requests, whose own errors hold the cancel connections' sockets open until a gc pass.
+    cancels.clear()
+    if unconfirmed:
+        raise CancelNotConfirmedError(
+            f"the server did not confirm the cancel of {len(unconfirmed)} of {total} running "
+            f"statement(s) ({'; '.join(sorted(set(unconfirmed)))}); they may still be running on the server"
+        )
+
+
+def _abandon(cancels: Sequence[asyncio.Future[bool]]) -> None:
+    """Cancel the requests still waiting; every outcome is retrieved, so asyncio logs none as lost."""
+    for cancel in cancels:
+        if not cancel.done():
+            cancel.cancel()
+        cancel.add_done_callback(_retrieve)
+
+
+def _unconfirmed(cancel: asyncio.Future[bool], wait: float | None) -> str | None:
+    """Why ``cancel`` is not confirmed, or ``None`` if the server answered it."""
+    if not cancel.done() or cancel.cancelled():
+        return f"no answer within {wait:.3g}s" if wait is not None else "abandoned"
+    error = cancel.exception()
+    if error is None:
+        return None
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _retrieve(cancel: asyncio.Future[bool]) -> None:
+    # An abandoned request's outcome is seen, so asyncio does not log it as never retrieved.
+    if not cancel.cancelled():
+        cancel.exception()
 
 
 def say_goodbye(connection: Any) -> None:

@@ -38,10 +38,10 @@ from asyncpg import connect_utils
 
 from poolkeeper._concurrency import run_on_loop
 from poolkeeper._keeper import KeeperState
-from poolkeeper._redact import redact
+from poolkeeper._redact import redact, secret_values
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statement, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
 from poolkeeper.adapters._base import Driver, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
@@ -290,7 +290,11 @@ async def _cancel_in_one_query(pool: Any, connections: Sequence[Any], wait: floa
 
 
 async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: Any = None) -> None:
-    """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned."""
+    """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned.
+
+    Raises:
+        CancelNotConfirmedError: some cancel was abandoned (the caller cuts the connections anyway).
+    """
     wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
     if (
         pool is not None
@@ -298,15 +302,7 @@ async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: A
         and await _cancel_in_one_query(pool, connections, wait)
     ):
         return
-    cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections]
-    if not cancels:
-        return
-    await asyncio.wait(cancels, timeout=wait)
-    for cancel in cancels:
-        if not cancel.done():
-            cancel.cancel()
-        elif not cancel.cancelled() and cancel.exception() is not None:
-            logger.debug("poolkeeper: a cancel request failed", exc_info=cancel.exception())
+    await cancel_statements(connections, wait)
 
 
 def _cancel_later(connection: Any) -> CancelRequest:
@@ -356,7 +352,7 @@ def _as_list(value: Any) -> list[str]:
 def _configured_target(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, list[str]]:
     """``host:port/database`` and the passwords, from the pool's connect arguments (asyncpg's precedence)."""
     dsn = args[0] if args and isinstance(args[0], str) else None
-    secrets = [kwargs["password"]] if isinstance(kwargs.get("password"), str) else []
+    secrets = secret_values(kwargs)  # password=, sslpassword=
     hosts, ports, database = _as_list(kwargs.get("host")), _as_list(kwargs.get("port")), kwargs.get("database")
     if dsn:
         parts = urllib.parse.urlsplit(dsn)
@@ -364,8 +360,7 @@ def _configured_target(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str
         if ":" in userinfo:
             secrets.append(urllib.parse.unquote(userinfo.partition(":")[2]))
         query = dict(urllib.parse.parse_qsl(parts.query))
-        if "password" in query:
-            secrets.append(query["password"])
+        secrets += secret_values(query)  # password=, sslpassword=
         if not hosts:
             pairs = [_split_port(urllib.parse.unquote(spec)) for spec in hostspec.split(",") if spec]
             hosts = _as_list(query.get("host")) or [host for host, _ in pairs]

@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._grammar import with_article
+from poolkeeper._redact import secret_values
 from poolkeeper.adapters._abort import shutdown_socket
 from poolkeeper.adapters._base import Driver, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
@@ -139,10 +140,19 @@ class RedisPoolClosedError(PoolClosedError, RedisError):
 
 def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
-    keeper.admit()
+    # Counted as out from here: connecting (and the health check) are round trips that closing
+    # may overtake; a checkout landing after forcing began is cut (issue 13, item 1).
+    keeper.start_checkout()
     library: Any = super(type(pool), pool)
-    connection = library.get_connection(*args, **options)
-    if not keeper.lend(connection):
+    try:
+        connection = library.get_connection(*args, **options)
+    except BaseException:
+        keeper.end_checkout()
+        raise
+    lent = keeper.lend(connection)
+    keeper.end_checkout()
+    if not lent:
+        connection.disconnect()  # the sweep of idle connections may be over: do not leave it open
         library.release(connection)
         raise keeper.refusal()
     return connection
@@ -158,10 +168,17 @@ def _release(pool: Any, connection: Any) -> None:
 
 async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
-    keeper.admit()
+    keeper.start_checkout()  # as in _get_connection: out for the drain while it connects
     library: Any = super(type(pool), pool)
-    connection = await library.get_connection(*args, **options)
-    if not keeper.lend(connection):
+    try:
+        connection = await library.get_connection(*args, **options)
+    except BaseException:
+        keeper.end_checkout()
+        raise
+    lent = keeper.lend(connection)
+    keeper.end_checkout()
+    if not lent:
+        await connection.disconnect()  # the sweep of idle connections may be over
         await library.release(connection)
         raise keeper.refusal()
     pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
@@ -409,9 +426,8 @@ class RedisDriver(Driver):
         return f"{'rediss' if tls else 'redis'}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
     def secrets(self) -> tuple[str, ...]:
-        """The password (and TLS key password), to be scrubbed from error texts."""
-        kwargs = self.pool.connection_kwargs
-        return tuple(str(kwargs[key]) for key in ("password", "ssl_password") if kwargs.get(key))
+        """The password, the TLS key password and any other secret connect argument, to be scrubbed."""
+        return tuple(dict.fromkeys(secret_values(self.pool.connection_kwargs)))
 
     def idle_count(self) -> int:
         """Connected connections in the pool's free list (disconnected ones kept for reuse do not count)."""

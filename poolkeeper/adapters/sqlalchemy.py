@@ -20,15 +20,16 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool, Pool, QueuePool
+from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sqla_queue
 
 from poolkeeper._concurrency import run_blocking, run_on_loop, wake_soon
+from poolkeeper._redact import is_secret_key, secret_values
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
-    cancel_statement,
+    cancel_statements,
     say_goodbye,
     shutdown_socket,
     socket_fd,
@@ -143,13 +144,22 @@ class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
 
 def _connect(pool: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
-    keeper.admit()
-    fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+    # Counted as out from here: connecting and pre-ping are round trips that closing may overtake.
+    keeper.start_checkout()
+    try:
+        fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+    except BaseException:
+        keeper.end_checkout()
+        raise
     # The record is the pool's unit of checkout. Its fairy_ref, SQLAlchemy's own weakref to the
     # fairy the user holds, tells on return whether the garbage collector collected the fairy.
     record = fairy._connection_record  # noqa: SLF001
-    if not keeper.lend(record, record.fairy_ref):
-        fairy.close()
+    lent = keeper.lend(record, record.fairy_ref)
+    keeper.end_checkout()  # after lend(): the checkout is never out of sight of the drain
+    if not lent:
+        # Landed after forcing began: the force-close and the sweep of idle connections may
+        # be over, so close the connection now rather than put it back in the pool.
+        fairy.invalidate()
         raise keeper.refusal()
     return fairy
 
@@ -242,13 +252,16 @@ class SQLAlchemyDriver(Driver):
         return self.loop
 
     def describe(self) -> str:
-        """The engine URL with its password masked."""
-        return self.engine.url.render_as_string(hide_password=True)
+        """The engine URL with its password and secret query parameters (``sslpassword``...) masked."""
+        url = self.engine.url
+        masked = {key: "***" for key in url.query if is_secret_key(key)}
+        return url.update_query_dict(masked).render_as_string(hide_password=True)
 
     def secrets(self) -> tuple[str, ...]:
-        """The URL's password, to be scrubbed from error texts."""
-        password = self.engine.url.password
-        return (str(password),) if password else ()
+        """The URL's password and secret query parameters, to be scrubbed from error texts."""
+        url = self.engine.url
+        found = [str(url.password)] if url.password else []
+        return tuple(dict.fromkeys([*found, *secret_values(url.query)]))
 
     def idle_count(self) -> int | None:
         """Connections checked in to the engine's pools (``QueuePool.checkedin()``).
@@ -340,16 +353,10 @@ class SQLAlchemyDriver(Driver):
                 connections_to_cancel = connections
         else:
             connections_to_cancel = connections
-        cancels = [asyncio.ensure_future(cancel_statement(connection, wait)) for connection in connections_to_cancel]
         try:
-            if cancels:
-                await asyncio.wait(cancels, timeout=wait or None)
+            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
+            await cancel_statements(connections_to_cancel, wait or None)
         finally:  # also when cancelled while the cancel requests wait on a silent server
-            for cancel in cancels:
-                if not cancel.done():
-                    cancel.cancel()
-                elif not cancel.cancelled():
-                    cancel.exception()  # a failed cancel still gets its socket cut below
             for connection in connections:
                 fd = socket_fd(connection)
                 if fd is not None:
@@ -422,8 +429,18 @@ class SQLAlchemyDriver(Driver):
             pool._pk_library_dispose()  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
 
     async def close_connections(self) -> None:
-        """Close the idle connections of every pool (in a thread, or on the engine's loop)."""
-        pools = list(self.pools)
+        """Close the idle connections of every pool (in a thread, or on the engine's loop).
+
+        Raises:
+            ThreadBoundConnectionsError: some connections can be closed only by the thread
+                that opened them (sqlite3), and that thread is not this one.
+        """
+        # SingletonThreadPool (SQLite :memory:) first, in this very thread: the one that called
+        # close()/aclose(), which for a script is the one that used the engine. sqlite3 refuses
+        # a close from any other thread, and SQLAlchemy only logs that refusal (issue 13, item 2).
+        singletons = [pool for pool in self.pools if isinstance(pool, SingletonThreadPool)]
+        pools = [pool for pool in self.pools if pool not in singletons]
+        failures = [failure for pool in singletons for failure in _close_in_this_thread(pool)]
 
         def close_all() -> None:
             for pool in pools:
@@ -432,8 +449,39 @@ class SQLAlchemyDriver(Driver):
         if self.is_async:
             if self.loop is not None:  # None: never used, no connection was ever opened
                 await run_on_loop(self.loop, greenlet_spawn(close_all))
-            return
-        await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        else:
+            await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        if failures:
+            raise ThreadBoundConnectionsError(
+                f"{len(failures)} connection(s) could not be closed from the thread closing the registry "
+                f"({'; '.join(sorted(set(failures)))}); they stay open until the threads that opened them close them"
+            )
+
+
+class ThreadBoundConnectionsError(Exception):
+    """Connections that only the thread which opened them may close (sqlite3) are still open."""
+
+
+def _close_in_this_thread(pool: Pool) -> list[str]:
+    """Close every connection of a ``SingletonThreadPool`` that this thread may close; the others' errors.
+
+    The library's own ``dispose()`` swallows the error sqlite3 raises for a connection opened by
+    another thread: the connection stays open and nothing says so. Here the driver-level close
+    runs first, so that a refusal is seen; the library then forgets the closed ones.
+    """
+    failures: list[str] = []
+    records = pool._all_conns  # type: ignore[attr-defined]  # noqa: SLF001 -- every thread's connection
+    for record in list(records):
+        connection = record.dbapi_connection
+        if connection is not None:
+            try:
+                pool._dialect.do_close(connection)  # noqa: SLF001 -- what Pool._close_connection calls, unswallowed
+            except Exception as error:  # noqa: BLE001 -- reported by the caller
+                failures.append(f"{type(error).__name__}: {error}")
+                continue
+            record.close()  # the library's bookkeeping (its "close" event); closing twice is harmless
+        records.discard(record)
+    return failures
 
 
 def make_driver(resource: Any) -> SQLAlchemyDriver:
