@@ -1,0 +1,136 @@
+"""pytest plugin loaded into both runs of ``nox -s peer``: records each test's outcome, guards the shared Redis.
+
+It is loaded by module name (``-p poolkeeper_peer_results``) with this folder on ``PYTHONPATH``, not as
+``tests.peer...``, because the libraries' own suites have a ``tests`` package of their own.
+
+- Outcomes: one per test id (``passed``, ``failed``, ``error`` for a setup/teardown failure, ``skipped``),
+  written as JSON to ``$POOLKEEPER_PEER_RESULTS`` at the end of the session, with the first lines of
+  the failure so the comparison can show why a test differs.
+- Redis guard: the machine's Redis server is shared. When ``$POOLKEEPER_PEER_REDIS_DB`` is set, a
+  connection to it on any other database, and every command that reaches beyond one database or changes
+  the server (``FLUSHALL``, ``SWAPDB``, ``CONFIG SET``, ``SHUTDOWN``...), fails with ``PeerGuardError``.
+  The guard runs in both runs, so a test it stops fails in both and is no difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+_LONGREPR_LINES = 12
+
+# Commands that act on the whole server or on another database than the one the run owns.
+_REFUSED_COMMANDS = frozenset(
+    {
+        "FLUSHALL",
+        "SWAPDB",
+        "MOVE",
+        "MIGRATE",
+        "SHUTDOWN",
+        "FAILOVER",
+        "REPLICAOF",
+        "SLAVEOF",
+        "SAVE",
+        "BGSAVE",
+        "BGREWRITEAOF",
+        "CONFIG",
+        "ACL",
+        "MODULE",
+        "DEBUG",
+        "SCRIPT",
+        "FUNCTION",
+        "CLUSTER",
+        "SYNC",
+        "PSYNC",
+    }
+)
+_REFUSED_CLIENT_SUBCOMMANDS = frozenset({"KILL", "PAUSE", "UNPAUSE", "NO-EVICT", "NO-TOUCH"})
+
+
+class PeerGuardError(RuntimeError):
+    """A library test tried to touch more of the shared Redis server than its own database."""
+
+
+class _Outcomes:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.outcomes: dict[str, dict[str, str]] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self.outcomes.setdefault(report.nodeid, {"outcome": "passed", "detail": ""})
+        if report.skipped and entry["outcome"] == "passed":
+            # An xfail that failed as expected is reported as skipped with wasxfail; keep the two apart.
+            entry["outcome"] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+        elif report.failed:
+            outcome = "failed" if report.when == "call" else "error"
+            if entry["outcome"] in {"passed", "skipped", "xfailed"}:
+                entry["outcome"] = outcome
+                text = str(report.longrepr)
+                entry["detail"] = "\n".join(text.splitlines()[-_LONGREPR_LINES:])
+        elif report.when == "call" and hasattr(report, "wasxfail"):
+            entry["outcome"] = "xpassed"
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        with open(self.path, "w", encoding="utf-8") as out:  # noqa: PTH123 -- a plain file path from the runner
+            json.dump(self.outcomes, out, indent=0, sort_keys=True)
+
+
+def _guard_redis(db: int) -> None:
+    """Refuse connections to other databases and server-wide commands, for sync and asyncio redis-py."""
+    import redis.asyncio.connection  # noqa: PLC0415 -- only when the run is the redis one
+    import redis.connection  # noqa: PLC0415
+
+    def check_command(args: tuple[Any, ...]) -> None:
+        if not args:
+            return
+        words = [a.decode() if isinstance(a, bytes) else str(a) for a in args[:2]]
+        name = words[0].upper()
+        sub = words[1].upper() if len(words) > 1 else ""
+        if name in _REFUSED_COMMANDS or (name == "CLIENT" and sub in _REFUSED_CLIENT_SUBCOMMANDS):
+            raise PeerGuardError(f"the peer run refuses {name} {sub} on the shared Redis server")
+        if name == "SELECT" and sub != str(db):
+            raise PeerGuardError(f"the peer run owns Redis db {db} only, not {sub}")
+
+    def check_db(connection: Any) -> None:
+        port = getattr(connection, "port", None)
+        if port == 6379 and int(getattr(connection, "db", 0) or 0) != db:  # noqa: PLR2004 -- the shared server
+            raise PeerGuardError(f"the peer run owns Redis db {db} only, not db {getattr(connection, 'db', 0)}")
+
+    for module in (redis.connection, redis.asyncio.connection):
+        cls = module.AbstractConnection
+        original_pack = cls.pack_command
+        original_connect = cls.connect
+
+        def pack_command(self: Any, *args: Any, _original: Any = original_pack) -> Any:
+            check_command(args)
+            return _original(self, *args)
+
+        cls.pack_command = pack_command
+        if module is redis.connection:
+
+            def connect(self: Any, *args: Any, _original: Any = original_connect, **kwargs: Any) -> Any:
+                check_db(self)
+                return _original(self, *args, **kwargs)
+
+        else:
+
+            async def connect(self: Any, *args: Any, _original: Any = original_connect, **kwargs: Any) -> Any:
+                check_db(self)
+                return await _original(self, *args, **kwargs)
+
+        cls.connect = connect
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start recording outcomes and, for the redis run, guard the shared server."""
+    path = os.environ.get("POOLKEEPER_PEER_RESULTS")
+    if path:
+        config.pluginmanager.register(_Outcomes(path), "poolkeeper_peer_outcomes")
+    redis_db = os.environ.get("POOLKEEPER_PEER_REDIS_DB")
+    if redis_db:
+        _guard_redis(int(redis_db))
