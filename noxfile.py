@@ -148,6 +148,7 @@ PEER_TEST_DEPS = (
     "proxy.py",
     "isal",
     "zlib-ng",
+    "coverage",  # aiohttp's pytest.ini names a coverage warning class in its filters
 )
 
 
@@ -158,4 +159,6 @@ def peer(session: nox.Session) -> None:
     ``nox -s peer -- redis`` runs one library (asyncpg, redis, sqlalchemy, aiohttp); see docs/peer-tests.md.
     """
     session.install("-e", ".[all]", *PEER_TEST_DEPS)
-    session.run("python", "tests/peer/compare.py", "--cache", f"{session.virtualenv.location}/peer-sdists", *session.posargs)
+    session.run(
+        "python", "tests/peer/compare.py", "--cache", f"{session.virtualenv.location}/peer-sdists", *session.posargs
+    )

@@ -3,8 +3,8 @@
 For each library (asyncpg, redis-py, SQLAlchemy, aiohttp) this downloads the sdist of the *installed*
 version, unpacks it, and runs the chosen tests twice with the same arguments: once as the library
 ships them, once with ``-p poolkeeper_peer_wrap`` (every pool and client the tests build is wrapped by
-poolkeeper). A test whose outcome differs is run again, alone, in both modes; a difference that
-holds on the rerun fails the session and is printed with the wrapped run's error. Tests that cannot run
+poolkeeper). The files of the tests whose outcome differs are run again in both modes; a difference
+that holds on the rerun fails the session and is printed with the wrapped run's error. Tests that cannot run
 on this machine (no managed cluster, no TLS server...) fail or skip in both runs, which is no
 difference; the few that are unsafe on a shared server or flaky by themselves are deselected below,
 each with its reason.
@@ -123,6 +123,7 @@ class Outcome:
 
     outcome: str
     detail: str
+    seconds: float = 0.0
 
 
 def _sdist(dist: str, version: str, cache: Path) -> Path:
@@ -132,11 +133,8 @@ def _sdist(dist: str, version: str, cache: Path) -> Path:
         return unpacked
     downloads = cache / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    subprocess.run(  # noqa: S603 -- fixed arguments, the running interpreter's pip
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
-        + ["--dest", str(downloads), f"{dist}=={version}"],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
+    subprocess.run([*pip, "--dest", str(downloads), f"{dist}=={version}"], check=True)
     archive = next(p for p in downloads.glob("*.tar.gz") if p.name.lower().startswith(f"{dist.lower()}-{version}"))
     with tempfile.TemporaryDirectory(dir=cache) as tmp, tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
@@ -173,7 +171,7 @@ def _run(
     command += [f"--deselect={test_id}" for test_id, _ in library.deselect]
     command += selection
     with log.open("w", encoding="utf-8") as out:
-        subprocess.run(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)  # noqa: S603
+        subprocess.run(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     if not results.exists():
         sys.exit(f"pytest wrote no results for {library.dist} ({'wrapped' if wrapped else 'plain'}); see {log}")
     raw = json.loads(results.read_text(encoding="utf-8"))
@@ -182,7 +180,9 @@ def _run(
 
 def _differences(plain: dict[str, Outcome], wrapped: dict[str, Outcome]) -> list[str]:
     missing = Outcome("not run", "")
-    return sorted(t for t in plain.keys() | wrapped.keys() if plain.get(t, missing).outcome != wrapped.get(t, missing).outcome)
+    return sorted(
+        t for t in plain.keys() | wrapped.keys() if plain.get(t, missing).outcome != wrapped.get(t, missing).outcome
+    )
 
 
 def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
@@ -197,18 +197,26 @@ def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
     for wrapped in (False, True):
         mode = "wrapped" if wrapped else "plain"
         runs[mode] = _run(
-            library, work, wrapped=wrapped, selection=list(library.tests), log=logs / f"{stem}-{mode}.log", redis_db=redis_db
+            library,
+            work,
+            wrapped=wrapped,
+            selection=list(library.tests),
+            log=logs / f"{stem}-{mode}.log",
+            redis_db=redis_db,
         )
     differing = _differences(runs["plain"], runs["wrapped"])
     confirmed, flaky = [], []
     if differing:
-        # Timing tests can flake under load: a difference counts only if it holds when run again alone.
+        # A difference counts only if it shows again when its test files run again in both modes: that
+        # rules out timing flakes under load, and keeps the order within a file, since a wrapped test
+        # that breaks can leave state behind that makes later tests of its file fail.
+        files = sorted({test_id.split("::", 1)[0] for test_id in differing})
         again = {
             mode: _run(
                 library,
                 work,
                 wrapped=mode == "wrapped",
-                selection=differing,
+                selection=files,
                 log=logs / f"{stem}-{mode}-rerun.log",
                 redis_db=redis_db,
             )
@@ -226,8 +234,10 @@ def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
     )
     for test_id in confirmed:
         plain, wrapped = runs["plain"].get(test_id), runs["wrapped"].get(test_id)
-        print(f"DIFFERS {test_id}: {plain.outcome if plain else 'not run'} unwrapped, "
-              f"{wrapped.outcome if wrapped else 'not run'} wrapped")
+        print(
+            f"DIFFERS {test_id}: {plain.outcome if plain else 'not run'} unwrapped, "
+            f"{wrapped.outcome if wrapped else 'not run'} wrapped"
+        )
         shown = wrapped if wrapped and wrapped.detail else plain
         if shown and shown.detail:
             print("    " + shown.detail.replace("\n", "\n    "))

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 _LONGREPR_LINES = 12
+_SHARED_REDIS_PORT = 6379
 
 # Commands that act on the whole server or on another database than the one the run owns.
 _REFUSED_COMMANDS = frozenset(
@@ -57,11 +58,12 @@ class PeerGuardError(RuntimeError):
 class _Outcomes:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.outcomes: dict[str, dict[str, str]] = {}
+        self.outcomes: dict[str, dict[str, Any]] = {}
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        entry = self.outcomes.setdefault(report.nodeid, {"outcome": "passed", "detail": ""})
+        entry = self.outcomes.setdefault(report.nodeid, {"outcome": "passed", "detail": "", "seconds": 0.0})
+        entry["seconds"] += report.duration
         if report.skipped and entry["outcome"] == "passed":
             # An xfail that failed as expected is reported as skipped with wasxfail; keep the two apart.
             entry["outcome"] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
@@ -80,50 +82,50 @@ class _Outcomes:
             json.dump(self.outcomes, out, indent=0, sort_keys=True)
 
 
+def _check_command(args: tuple[Any, ...], db: int) -> None:
+    if not args:
+        return
+    words = [a.decode() if isinstance(a, bytes) else str(a) for a in args[:2]]
+    name = words[0].upper()
+    sub = words[1].upper() if len(words) > 1 else ""
+    if name in _REFUSED_COMMANDS or (name == "CLIENT" and sub in _REFUSED_CLIENT_SUBCOMMANDS):
+        raise PeerGuardError(f"the peer run refuses {name} {sub} on the shared Redis server")
+    if name == "SELECT" and sub != str(db):
+        raise PeerGuardError(f"the peer run owns Redis db {db} only, not {sub}")
+
+
+def _check_db(connection: Any, db: int) -> None:
+    if getattr(connection, "port", None) == _SHARED_REDIS_PORT and int(getattr(connection, "db", 0) or 0) != db:
+        raise PeerGuardError(f"the peer run owns Redis db {db} only, not db {getattr(connection, 'db', 0)}")
+
+
 def _guard_redis(db: int) -> None:
     """Refuse connections to other databases and server-wide commands, for sync and asyncio redis-py."""
     import redis.asyncio.connection  # noqa: PLC0415 -- only when the run is the redis one
     import redis.connection  # noqa: PLC0415
 
-    def check_command(args: tuple[Any, ...]) -> None:
-        if not args:
-            return
-        words = [a.decode() if isinstance(a, bytes) else str(a) for a in args[:2]]
-        name = words[0].upper()
-        sub = words[1].upper() if len(words) > 1 else ""
-        if name in _REFUSED_COMMANDS or (name == "CLIENT" and sub in _REFUSED_CLIENT_SUBCOMMANDS):
-            raise PeerGuardError(f"the peer run refuses {name} {sub} on the shared Redis server")
-        if name == "SELECT" and sub != str(db):
-            raise PeerGuardError(f"the peer run owns Redis db {db} only, not {sub}")
-
-    def check_db(connection: Any) -> None:
-        port = getattr(connection, "port", None)
-        if port == 6379 and int(getattr(connection, "db", 0) or 0) != db:  # noqa: PLR2004 -- the shared server
-            raise PeerGuardError(f"the peer run owns Redis db {db} only, not db {getattr(connection, 'db', 0)}")
-
-    for module in (redis.connection, redis.asyncio.connection):
-        cls = module.AbstractConnection
+    sync_cls, async_cls = redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection
+    for cls in (sync_cls, async_cls):
         original_pack = cls.pack_command
-        original_connect = cls.connect
 
         def pack_command(self: Any, *args: Any, _original: Any = original_pack) -> Any:
-            check_command(args)
+            _check_command(args, db)
             return _original(self, *args)
 
         cls.pack_command = pack_command
-        if module is redis.connection:
 
-            def connect(self: Any, *args: Any, _original: Any = original_connect, **kwargs: Any) -> Any:
-                check_db(self)
-                return _original(self, *args, **kwargs)
+    sync_connect, async_connect = sync_cls.connect, async_cls.connect
 
-        else:
+    def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_db(self, db)
+        return sync_connect(self, *args, **kwargs)
 
-            async def connect(self: Any, *args: Any, _original: Any = original_connect, **kwargs: Any) -> Any:
-                check_db(self)
-                return await _original(self, *args, **kwargs)
+    async def aconnect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_db(self, db)
+        return await async_connect(self, *args, **kwargs)
 
-        cls.connect = connect
+    sync_cls.connect = connect
+    async_cls.connect = aconnect
 
 
 def pytest_configure(config: pytest.Config) -> None:
