@@ -193,7 +193,7 @@ def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
     logs = cache / "logs"
     logs.mkdir(exist_ok=True)
     stem = f"{name}-{version}"
-    runs = {}
+    runs: dict[str, dict[str, Outcome]] = {}
     for wrapped in (False, True):
         mode = "wrapped" if wrapped else "plain"
         runs[mode] = _run(
@@ -205,7 +205,8 @@ def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
             redis_db=redis_db,
         )
     differing = _differences(runs["plain"], runs["wrapped"])
-    confirmed, flaky = [], []
+    confirmed: list[str] = []
+    flaky: list[str] = []
     if differing:
         # A difference counts only if it shows again when its test files run again in both modes: that
         # rules out timing flakes under load, and keeps the order within a file, since a wrapped test
@@ -232,15 +233,13 @@ def _compare(name: str, library: Library, cache: Path, redis_db: int) -> bool:
         f"\n== {name} {version}: {counts['plain']} tests ({passed} pass unwrapped), "
         f"{len(confirmed)} differ, {len(flaky)} flaky; {elapsed:.0f}s (logs: {logs})"
     )
+    missing = Outcome("not run", "")
     for test_id in confirmed:
-        plain, wrapped = runs["plain"].get(test_id), runs["wrapped"].get(test_id)
-        print(
-            f"DIFFERS {test_id}: {plain.outcome if plain else 'not run'} unwrapped, "
-            f"{wrapped.outcome if wrapped else 'not run'} wrapped"
-        )
-        shown = wrapped if wrapped and wrapped.detail else plain
-        if shown and shown.detail:
-            print("    " + shown.detail.replace("\n", "\n    "))
+        before, after = runs["plain"].get(test_id, missing), runs["wrapped"].get(test_id, missing)
+        print(f"DIFFERS {test_id}: {before.outcome} unwrapped, {after.outcome} wrapped")
+        detail = after.detail or before.detail
+        if detail:
+            print("    " + detail.replace("\n", "\n    "))
     for test_id in flaky:
         print(f"flaky (differed once, agreed when rerun; not counted): {test_id}")
     return not confirmed

@@ -4,11 +4,12 @@ It is loaded by module name (``-p poolkeeper_peer_results``) with this folder on
 ``tests.peer...``, because the libraries' own suites have a ``tests`` package of their own.
 
 - Outcomes: one per test id (``passed``, ``failed``, ``error`` for a setup/teardown failure, ``skipped``),
-  written as JSON to ``$POOLKEEPER_PEER_RESULTS`` at the end of the session, with the first lines of
+  written as JSON to ``$POOLKEEPER_PEER_RESULTS`` at the end of the session, with the last lines of
   the failure so the comparison can show why a test differs.
 - Redis guard: the machine's Redis server is shared. When ``$POOLKEEPER_PEER_REDIS_DB`` is set, a
   connection to it on any other database, and every command that reaches beyond one database or changes
-  the server (``FLUSHALL``, ``SWAPDB``, ``CONFIG SET``, ``SHUTDOWN``...), fails with ``PeerGuardError``.
+  the server (``FLUSHALL``, ``SWAPDB``, ``CONFIG SET``, ``SHUTDOWN``, ``DEBUG`` but for ``DEBUG ERROR``, which
+  only answers an error...), fails with ``PeerGuardError``.
   The guard runs in both runs, so a test it stops fails in both and is no difference.
 """
 
@@ -40,7 +41,6 @@ _REFUSED_COMMANDS = frozenset(
         "CONFIG",
         "ACL",
         "MODULE",
-        "DEBUG",
         "SCRIPT",
         "FUNCTION",
         "CLUSTER",
@@ -85,10 +85,11 @@ class _Outcomes:
 def _check_command(args: tuple[Any, ...], db: int) -> None:
     if not args:
         return
-    words = [a.decode() if isinstance(a, bytes) else str(a) for a in args[:2]]
+    words = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in args[:2]]
     name = words[0].upper()
     sub = words[1].upper() if len(words) > 1 else ""
-    if name in _REFUSED_COMMANDS or (name == "CLIENT" and sub in _REFUSED_CLIENT_SUBCOMMANDS):
+    refused_sub = (name == "CLIENT" and sub in _REFUSED_CLIENT_SUBCOMMANDS) or (name == "DEBUG" and sub != "ERROR")
+    if name in _REFUSED_COMMANDS or refused_sub:
         raise PeerGuardError(f"the peer run refuses {name} {sub} on the shared Redis server")
     if name == "SELECT" and sub != str(db):
         raise PeerGuardError(f"the peer run owns Redis db {db} only, not {sub}")
@@ -112,9 +113,10 @@ def _guard_redis(db: int) -> None:
             _check_command(args, db)
             return _original(self, *args)
 
-        cls.pack_command = pack_command
+        cls.pack_command = pack_command  # type: ignore[method-assign]  # the guard wraps the library's method
 
-    sync_connect, async_connect = sync_cls.connect, async_cls.connect
+    sync_connect: Any = sync_cls.connect
+    async_connect: Any = async_cls.connect
 
     def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
         _check_db(self, db)
@@ -124,8 +126,8 @@ def _guard_redis(db: int) -> None:
         _check_db(self, db)
         return await async_connect(self, *args, **kwargs)
 
-    sync_cls.connect = connect
-    async_cls.connect = aconnect
+    sync_cls.connect = connect  # type: ignore[method-assign]  # the guard wraps the library's method
+    async_cls.connect = aconnect  # type: ignore[method-assign]  # same, asyncio
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -53,7 +53,7 @@ def _wrap_after_init(cls: type[Any], *, skip_if_managed: bool = False) -> None:
         # Wrapping an object twice is a no-op in poolkeeper, so a subclass calling up is wrapped once.
         _wrap(self, skip_if_managed=skip_if_managed)
 
-    cls.__init__ = __init__  # type: ignore[misc]  # the point of the plugin: patch the factory
+    cls.__init__ = __init__  # the point of the plugin: patch the constructor
 
 
 def _class(path: str) -> type[Any] | None:
