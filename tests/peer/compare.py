@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"  # the project's test default (tests/conftest.py)
+TEST_TIMEOUT = 60  # seconds; a test hung longer fails (pytest-timeout), as it would unwrapped
+MAX_ABORTS = 5  # a run that dies in a test is resumed after it, this many times at most
 POSTGRES_ENV = {"PGHOST": "127.0.0.1", "PGPORT": "5432", "PGUSER": "postgres", "PGDATABASE": "postgres"}
 
 
@@ -156,26 +158,57 @@ def _prepare(library: Library, version: str, cache: Path) -> Path:
 def _run(
     library: Library, work: Path, *, wrapped: bool, selection: list[str], log: Path, redis_db: int
 ) -> dict[str, Outcome]:
-    results = log.with_suffix(".json")
+    """Run ``selection`` in one mode; a run that dies in a test is resumed after it, that test marked aborted."""
     env = {
         **os.environ,
         **POSTGRES_ENV,
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "POOLKEEPER_PEER_RESULTS": str(results),
         "POOLKEEPER_PEER_REDIS_DB": str(redis_db),
     }
     command = [sys.executable, *library.python_flags, "-m", "pytest", "-p", "no:poolkeeper", "-p", "no:randomly"]
-    command += ["-p", "poolkeeper_peer_results", "--timeout=120", *library.options]
+    command += ["-p", "poolkeeper_peer_results", f"--timeout={TEST_TIMEOUT}", "--durations=10", *library.options]
     if wrapped:
         command += ["-p", "poolkeeper_peer_wrap"]
     command += [f"--deselect={test_id}" for test_id, _ in library.deselect]
-    command += selection
-    with log.open("w", encoding="utf-8") as out:
-        subprocess.run(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if not results.exists():
-        sys.exit(f"pytest wrote no results for {library.dist} ({'wrapped' if wrapped else 'plain'}); see {log}")
-    raw = json.loads(results.read_text(encoding="utf-8"))
-    return {test_id: Outcome(**entry) for test_id, entry in raw.items()}
+    outcomes: dict[str, Outcome] = {}
+    for attempt in range(MAX_ABORTS + 1):
+        attempt_log = log if attempt == 0 else log.with_name(f"{log.stem}-resumed{attempt}{log.suffix}")
+        results = attempt_log.with_suffix(".jsonl")
+        done = [f"--deselect={test_id}" for test_id in outcomes]
+        with attempt_log.open("w", encoding="utf-8") as out:
+            subprocess.run(
+                [*command, *done, *selection],
+                cwd=work,
+                env={**env, "POOLKEEPER_PEER_RESULTS": str(results)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        running, complete = _read_results(results, outcomes)
+        if complete:
+            return outcomes
+        if running is None:
+            sys.exit(f"pytest ran no test of {library.dist} ({'wrapped' if wrapped else 'plain'}); see {attempt_log}")
+        outcomes[running] = Outcome("aborted", f"the test run died in this test; see {attempt_log}")
+    return outcomes
+
+
+def _read_results(path: Path, outcomes: dict[str, Outcome]) -> tuple[str | None, bool]:
+    """Add the outcomes recorded in ``path``; return the test still running when it ends, and if it completed."""
+    running: str | None = None
+    if not path.exists():
+        return None, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if "start" in event:
+            running = event["start"]
+        elif "id" in event:
+            test_id = event.pop("id")
+            outcomes[test_id] = Outcome(**event)
+            running = None
+        elif event.get("complete"):
+            return None, True
+    return running, False
 
 
 def _differences(plain: dict[str, Outcome], wrapped: dict[str, Outcome]) -> list[str]:

@@ -4,8 +4,8 @@ It is loaded by module name (``-p poolkeeper_peer_results``) with this folder on
 ``tests.peer...``, because the libraries' own suites have a ``tests`` package of their own.
 
 - Outcomes: one per test id (``passed``, ``failed``, ``error`` for a setup/teardown failure, ``skipped``),
-  written as JSON to ``$POOLKEEPER_PEER_RESULTS`` at the end of the session, with the last lines of
-  the failure so the comparison can show why a test differs.
+  appended as JSON lines to ``$POOLKEEPER_PEER_RESULTS`` as the tests run, with the last lines of the
+  failure so the comparison can show why a test differs.
 - Redis guard: the machine's Redis server is shared. When ``$POOLKEEPER_PEER_REDIS_DB`` is set, a
   connection to it on any other database, and every command that reaches beyond one database or changes
   the server (``FLUSHALL``, ``SWAPDB``, ``CONFIG SET``, ``SHUTDOWN``, ``DEBUG`` but for ``DEBUG ERROR``, which
@@ -56,9 +56,29 @@ class PeerGuardError(RuntimeError):
 
 
 class _Outcomes:
+    """Appends one JSON line per event, so a run that dies (a hang killed, a crash) still tells how far it got.
+
+    ``{"start": id}`` when a test starts, ``{"id": id, "outcome": ..., "detail": ..., "seconds": ...}`` when
+    it is done, ``{"complete": true}`` at the end of the session.
+    """
+
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.out = open(path, "w", encoding="utf-8")  # noqa: PTH123, SIM115 -- open for the whole session
         self.outcomes: dict[str, dict[str, Any]] = {}
+
+    def _write(self, event: dict[str, Any]) -> None:
+        self.out.write(json.dumps(event) + "\n")
+        self.out.flush()
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._write({"start": nodeid})
+
+    @pytest.hookimpl
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        entry = self.outcomes.get(nodeid)
+        if entry is not None:
+            self._write({"id": nodeid, **entry})
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -78,8 +98,8 @@ class _Outcomes:
 
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
-        with open(self.path, "w", encoding="utf-8") as out:  # noqa: PTH123 -- a plain file path from the runner
-            json.dump(self.outcomes, out, indent=0, sort_keys=True)
+        self._write({"complete": True})
+        self.out.close()
 
 
 def _check_command(args: tuple[Any, ...], db: int) -> None:
