@@ -49,6 +49,8 @@ class Library:
     deselect: tuple[tuple[str, str], ...] = ()
     """(test id prefix, reason): tests left out of both runs."""
     python_flags: tuple[str, ...] = ()
+    test_dir: str = "tests"
+    """Where the suite's tests live; ``supplements/<dist>_contract.py`` goes there as ``test_peer_contract.py``."""
 
 
 def _libraries(redis_url: str) -> dict[str, Library]:
@@ -58,7 +60,7 @@ def _libraries(redis_url: str) -> dict[str, Library]:
             # The pool tests, and the adversity tests (pools behind a slow/fuzzing proxy). The suite
             # uses the running server when PGHOST is set (asyncpg/_testbase: RunningCluster) and skips
             # what needs a cluster of its own (standby, HBA edits, recovery mode).
-            tests=("tests/test_pool.py", "tests/test_adversity.py"),
+            tests=("tests/test_pool.py", "tests/test_adversity.py", "tests/test_peer_contract.py"),
             source="asyncpg",
         ),
         "redis": Library(
@@ -152,6 +154,11 @@ def _prepare(library: Library, version: str, cache: Path) -> Path:
     shutil.copytree(_sdist(library.dist, version, cache), work)
     if library.source is not None:
         shutil.rmtree(work / library.source)
+    # Our own tests of documented behaviour the library's suite does not assert, in its own style. Named
+    # without test_ here so that poolkeeper's own test run does not collect them.
+    supplement = HERE / "supplements" / f"{library.dist.lower()}_contract.py"
+    if supplement.exists():
+        shutil.copy(supplement, work / library.test_dir / "test_peer_contract.py")
     return work
 
 
