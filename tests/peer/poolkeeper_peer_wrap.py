@@ -7,8 +7,9 @@ builds its objects, right after the library's own ``__init__``, so every constru
 - asyncpg: ``asyncpg.pool.Pool.__init__`` (before ``_async__init__``, as ``create_pool`` returns it);
 - redis-py: ``redis.Redis.__init__`` and ``redis.asyncio.Redis.__init__`` (a second client on a pool
   that is already managed is left as it is: the pool is wrapped once);
-- SQLAlchemy: ``sqlalchemy.engine.Engine.__init__`` (what ``create_engine`` and the test suite's
-  ``testing_engine`` build);
+- SQLAlchemy: ``create_engine`` (as ``sqlalchemy``, ``sqlalchemy.engine`` and ``sqlalchemy.engine.create``
+  export it; the suite's ``testing_engine`` imports it when called). Not ``Engine.__init__``:
+  ``create_engine`` reads the names of that method's parameters to sort its keyword arguments;
 - aiohttp: ``aiohttp.ClientSession.__init__``.
 
 Each object goes into one throwaway ``poolkeeper.Registry`` that is never closed: the libraries' tests close
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import itertools
 from typing import Any
 
@@ -56,6 +58,19 @@ def _wrap_after_init(cls: type[Any], *, skip_if_managed: bool = False) -> None:
     cls.__init__ = __init__  # the point of the plugin: patch the constructor
 
 
+def _wrap_what_it_returns(module_name: str, name: str) -> None:
+    module = importlib.import_module(module_name)
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        made = original(*args, **kwargs)
+        _wrap(made)
+        return made
+
+    setattr(module, name, factory)
+
+
 def _class(path: str) -> type[Any] | None:
     module_name, _, name = path.rpartition(".")
     try:
@@ -73,9 +88,11 @@ def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 -- the hook
         ("asyncpg.pool.Pool", False),
         ("redis.client.Redis", True),
         ("redis.asyncio.client.Redis", True),
-        ("sqlalchemy.engine.base.Engine", False),
         ("aiohttp.client.ClientSession", False),
     ):
         cls = _class(path)
         if cls is not None:
             _wrap_after_init(cls, skip_if_managed=skip_if_managed)
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        for module_name in ("sqlalchemy", "sqlalchemy.engine", "sqlalchemy.engine.create"):
+            _wrap_what_it_returns(module_name, "create_engine")
