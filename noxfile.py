@@ -133,3 +133,32 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site with ``mkdocs build --strict``: a broken link or reference fails it."""
     session.install("-e", ".[all,docs]")
     session.run("mkdocs", "build", "--strict", "--site-dir", f"{session.create_tmp()}/site", *session.posargs)
+
+
+# What the libraries' own test suites import beyond pytest (see tests/peer/compare.py for the subsets).
+PEER_TEST_DEPS = (
+    "pytest>=8",
+    "pytest-asyncio>=1.0",
+    "pytest-timeout",
+    "packaging",
+    "pytest-mock",
+    "freezegun",
+    "trustme",
+    "blockbuster",
+    "proxy.py",
+    "isal",
+    "zlib-ng",
+    "coverage",  # aiohttp's pytest.ini names a coverage warning class in its filters
+)
+
+
+@nox.session
+def peer(session: nox.Session) -> None:
+    """Run part of each wrapped library's own test suite, plain and with every pool wrapped; any difference fails.
+
+    ``nox -s peer -- redis`` runs one library (asyncpg, redis, sqlalchemy, aiohttp); see docs/peer-tests.md.
+    """
+    session.install("-e", ".[all]", *PEER_TEST_DEPS)
+    session.run(
+        "python", "tests/peer/compare.py", "--cache", f"{session.virtualenv.location}/peer-sdists", *session.posargs
+    )
