@@ -23,7 +23,7 @@ from poolkeeper._keeper import KeeperState
 if TYPE_CHECKING:
     from poolkeeper._registry import Registry
 
-__all__ = ["EXIT_DEADLINE", "track"]
+__all__ = ["EXIT_DEADLINE", "forget_inherited", "track"]
 
 logger = logging.getLogger("poolkeeper.exit")
 
@@ -46,6 +46,19 @@ def track(registry: Registry) -> None:
         if _armed_in is None:
             atexit.register(_close_left_open)
             _armed_in = os.getpid()
+
+
+def forget_inherited() -> None:
+    """In a forked child: the inherited ``atexit`` hook now serves this process (PRODUCT.md 4.9).
+
+    The keepers have forgotten the parent's connections by then, so what the net force-closes
+    at the child's exit is the child's own. (A multiprocessing child ends with ``os._exit()``,
+    which runs no ``atexit`` hook: close the registry in the child explicitly.)
+    """
+    global _armed_in, _lock  # noqa: PLW0603 -- per process state
+    _lock = threading.Lock()
+    if _armed_in is not None:
+        _armed_in = os.getpid()
 
 
 def _left_open(registry: Registry) -> list[str]:
@@ -72,7 +85,7 @@ def _summary(names: list[str]) -> str:
 
 def _close_left_open() -> None:
     if _armed_in != os.getpid():
-        return  # a forked child: those connections belong to the parent, which closes them
+        return  # not armed in this process (forget_inherited() re-arms it in a forked child)
     with _lock:
         registries = list(_registries)
     left = [(registry, names) for registry in registries if (names := _left_open(registry))]

@@ -432,3 +432,29 @@ class Keeper:
         self._advance(KeeperState.CLOSED)
         if self.on_closed is not None:
             self.on_closed()
+
+    # -- fork: keepers are per process (PRODUCT.md 4.9) ---------------------------------------
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: own nothing the parent had; called once by ``_registry``'s at-fork hook.
+
+        The parent's borrows, waiters and counters are dropped (never force-closed from here),
+        the lock is new (another thread may have held it at the fork), and the driver is told to
+        leave every connection that existed at the fork to the parent. A keeper the parent had
+        already started closing stays refused here, as ``CLOSED`` with nothing of its own to close.
+        """
+        inherited = list(self._borrows)
+        self._lock = GcSafeLock()
+        self._borrows = {}
+        self._gc_leaks = []
+        self._force_requested = False
+        self._drain_waiters = []
+        self._thread_waiters = []
+        self._returned_while_draining = 0
+        self._refused = 0
+        self.close_report = None
+        if self._leak_watch is not None:  # the parent's timer thread is not in the child
+            self._leak_watch.forget_inherited()
+        if self._state is not _OPEN:
+            self._state = KeeperState.CLOSED
+        self._driver.forget_inherited(inherited)

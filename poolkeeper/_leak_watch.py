@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from poolkeeper._borrowers import Entry
     from poolkeeper._keeper import Keeper
 
-__all__ = ["LeakWatch"]
+__all__ = ["LeakWatch", "forget_inherited"]
 
 logger = logging.getLogger("poolkeeper.leaks")
 
@@ -47,6 +47,11 @@ class LeakWatch:
         # The borrows already warned about, by connection, so that each is warned about once.
         # Pruned at every scan to those still out: never more than the keeper's live borrows.
         self._warned: dict[Any, Entry] = {}
+
+    def forget_inherited(self) -> None:
+        """In a forked child: no timer is pending here, and the parent's borrows were not the child's."""
+        self._armed = False
+        self._warned = {}
 
     def borrowed(self) -> None:
         """A connection was just lent (and is already in the keeper's borrows): make sure a timer runs.
@@ -168,3 +173,9 @@ class _Scheduler:
 
 
 _scheduler = _Scheduler()
+
+
+def forget_inherited() -> None:
+    """In a forked child: the parent's scheduler thread is not here; a new one starts on first use."""
+    global _scheduler  # noqa: PLW0603 -- per process
+    _scheduler = _Scheduler()

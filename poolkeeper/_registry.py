@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ from poolkeeper._concurrency import wake_soon
 from poolkeeper._held import HeldKeeper
 from poolkeeper._hooks import Hook, check_hook, running_hook
 from poolkeeper._keeper import Keeper, KeeperState
+from poolkeeper._leak_watch import forget_inherited as forget_inherited_leak_watch
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import check_name, check_timeout
 from poolkeeper.adapters import driver_for
@@ -46,6 +48,8 @@ _managed: weakref.WeakKeyDictionary[Any, weakref.ref[Keeper]] = weakref.WeakKeyD
 # and it goes when the keeper is collected (with its object: each owns the other).
 _managed_by_id: dict[int, weakref.ref[Keeper]] = {}
 _managed_lock = threading.Lock()
+# Every registry of this process, for the at-fork hook below.
+_every_registry: weakref.WeakSet[Registry] = weakref.WeakSet()
 
 
 def _check_depends_on(value: object) -> tuple[str, ...]:
@@ -130,6 +134,7 @@ class Registry:
         self._force_requested = False
         self._shutdown: _Shutdown | None = None
         self._forced_close: asyncio.Future[ShutdownReport] | None = None
+        _every_registry.add(self)  # for the at-fork hook (_after_fork_in_child)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "closing" if self._shutdown else "draining" if self._draining else "open"
@@ -638,6 +643,20 @@ class Registry:
         # A reference is kept: the event loop holds only weak references to its tasks.
         self._forced_close = asyncio.ensure_future(self.aclose(deadline=0.0))
 
+    def _forget_inherited(self) -> None:
+        """In a forked child: this process's own state; the keepers forget the parent's connections.
+
+        Draining and a shutdown the parent had started or finished are the parent's: the child's
+        registry is open (its keepers refuse if the parent had closed them) and closes once, itself.
+        """
+        self._lock = threading.RLock()
+        self._draining = False
+        self._force_requested = False
+        self._shutdown = None
+        self._forced_close = None
+        for keeper in self.keepers:
+            keeper._forget_inherited()  # noqa: SLF001 -- the keeper's own at-fork step
+
     # -- context managers -------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
@@ -700,6 +719,27 @@ def _run_on_private_loop(coroutine: Coroutine[Any, Any, ShutdownReport]) -> Shut
     finally:
         loop.close()
 
+
+def _after_fork_in_child() -> None:
+    """Keepers are per process (PRODUCT.md 4.9): the child starts owning nothing it inherited.
+
+    Runs in the child of every ``os.fork()`` (multiprocessing's fork, gunicorn and Celery
+    workers), while it has one thread: every lock is made anew (another thread may have held
+    it at the fork), the leak watcher and the exit-time net are re-armed for this pid, and every
+    keeper forgets the parent's borrows and connections.
+    """
+    global _managed_lock  # noqa: PLW0603 -- a lock held by a parent thread at the fork would never be released
+    _managed_lock = threading.Lock()
+    _exit.forget_inherited()
+    forget_inherited_leak_watch()
+    for registry in list(_every_registry):
+        try:
+            registry._forget_inherited()  # noqa: SLF001 -- the registry's own at-fork step
+        except Exception:  # an exception here would be printed and ignored by os.fork: log it clearly
+            logger.exception("poolkeeper: forgetting the parent's connections after fork failed")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _default_registry = Registry()
 

@@ -98,6 +98,17 @@ class Driver(abc.ABC):
         """
         return None
 
+    @abc.abstractmethod
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:
+        """In a forked child, right after the fork: leave every connection that exists now to the parent.
+
+        From then on nothing this driver does in the child (force-close, close, a late return)
+        may cancel, terminate, say goodbye on or shut down a connection the parent opened: the
+        socket is shared with the parent. Such connections are dropped, never closed; only the
+        connections the child opens itself are closed. ``borrowed`` are the keys of the parent's
+        borrows, which the keeper has just forgotten. Called while no other thread exists.
+        """
+
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """A connection came back after the keeper closed (a forced borrower, late): close it."""
 

@@ -296,6 +296,8 @@ class AiohttpDriver(Driver):
     def __init__(self, session: ClientSession) -> None:
         super().__init__(session)
         self.session = session
+        # Set in a forked child: the session, its event loop and its connections are the parent's.
+        self._inherited = False
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop:
@@ -360,6 +362,8 @@ class AiohttpDriver(Driver):
 
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:  # noqa: ARG002 -- aborting never waits
         """Interrupt requests still being sent, abort the sockets of responses still being read."""
+        if self._inherited:
+            return
         requests = [borrow.connection for borrow in borrows if isinstance(borrow.connection, _InFlight)]
         await run_on_loop(self.home_loop, self._abort(requests))
 
@@ -399,9 +403,18 @@ class AiohttpDriver(Driver):
                 transport.abort()  # no goodbye to a peer that may never answer
             connection.close()  # frees its connector slot and counts the return
 
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:  # noqa: ARG002 -- all of them are the parent's
+        """In a forked child: the whole session is the parent's (it is bound to the parent's event loop).
+
+        Closing it here only refuses requests; no connection is aborted or closed (a TLS
+        connection's goodbye would go out on the socket the parent still uses). Create sessions
+        in each process that uses them.
+        """
+        self._inherited = True
+
     async def close_connections(self) -> None:
         """Close the session (and its connector, when the session owns it) on the session's loop."""
-        if self.session.closed:  # closed by its owner already: its loop may even be gone
+        if self.session.closed or self._inherited:  # closed by its owner (its loop may be gone), or the parent's
             return
         await run_on_loop(self.home_loop, self.session.close())
 

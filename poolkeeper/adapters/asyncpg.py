@@ -387,6 +387,8 @@ class AsyncpgDriver(Driver):
         self.library_class: type[Any] = type(pool)
         self._queue: Any = None
         self._queue_class: type[Any] | None = None
+        # Set in a forked child: the pool, its event loop and every connection are the parent's.
+        self._inherited = False
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop:
@@ -497,8 +499,18 @@ class AsyncpgDriver(Driver):
             current = None
         return loop is current or (loop.is_running() and not loop.is_closed())
 
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:  # noqa: ARG002 -- all of them are the parent's
+        """In a forked child: the whole pool is the parent's (it is bound to the parent's event loop).
+
+        Closing it here only refuses checkouts; no statement is cancelled and no connection is
+        terminated or shut down. Create asyncpg pools in each process that uses them.
+        """
+        self._inherited = True
+
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:
         """Cancel every borrowed connection's statement on the server, then terminate it."""
+        if self._inherited:
+            return
         holders = [borrow.connection for borrow in borrows]
         if self._loop_reachable():
             await run_on_loop(self.home_loop, self._cancel_then_terminate(holders, timeout))
@@ -532,6 +544,8 @@ class AsyncpgDriver(Driver):
         for the server to hang up, which takes a millisecond or two per connection when it
         answers at all.
         """
+        if self._inherited:
+            return
         if self._loop_reachable():
             await run_on_loop(self.home_loop, self._close_all())
             return
@@ -561,6 +575,8 @@ class AsyncpgDriver(Driver):
 
     def returned_after_close(self) -> None:
         """A holder came back after the close (a connect that raced it): close what it holds."""
+        if self._inherited:
+            return
         for connection in _open_connections(self.pool._holders):  # noqa: SLF001
             connection.terminate()
 
@@ -594,6 +610,10 @@ class AsyncpgDriver(Driver):
         """
         keeper = self.keeper
         if keeper.state is KeeperState.CLOSED:
+            return
+        if self._inherited:  # a forked child: refuse, but leave the parent's connections alone
+            keeper.start_closing()
+            keeper.mark_closed()
             return
         keeper.start_closing()
         keeper.request_force()  # a closer waiting for the drain stops waiting

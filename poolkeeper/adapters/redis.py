@@ -279,6 +279,13 @@ def _seal(connection: Any, refuse: Callable[..., Any]) -> None:
     setattr(_innermost(connection), _RECONNECT_DOOR, refuse)
 
 
+def _transport(connection: Any) -> Any:
+    """What carries ``connection`` now: its socket (sync) or stream writer (asyncio); ``None`` if not connected."""
+    inner = _innermost(connection)
+    sock = getattr(inner, "_sock", None)  # sync connections
+    return sock if sock is not None else getattr(inner, "_writer", None)  # asyncio connections
+
+
 def _socket_fd(connection: Any) -> int | None:
     """The file descriptor of ``connection``'s socket, or ``None`` when it is not connected."""
     inner = _innermost(connection)
@@ -410,6 +417,9 @@ class RedisDriver(Driver):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._original_class: type[Any] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        # Sockets (stream writers) the parent process opened (set in a forked child): never touched
+        # here, as redis-py's own pid check leaves them. Held strongly so that their ids stay unique.
+        self._inherited: dict[int, Any] = {}
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop | None:
@@ -436,6 +446,17 @@ class RedisDriver(Driver):
 
     def _refuse_reconnect(self, *_args: Any, **_kwargs: Any) -> Any:
         raise self.keeper.refusal()
+
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:
+        """In a forked child: the parent's sockets, idle or in use, are never shut down or closed from here."""
+        connections = [*_connections(self.pool), *borrowed, getattr(self.resource, "connection", None)]
+        transports = (_transport(connection) for connection in connections if connection is not None)
+        self._inherited.update((id(transport), transport) for transport in transports if transport is not None)
+        self.loop = None  # the parent's event loop does not run here
+
+    def _own(self, connections: Iterable[Any]) -> list[Any]:
+        """The connections of ``connections`` that are not on a socket the parent opened."""
+        return [connection for connection in connections if id(_transport(connection)) not in self._inherited]
 
     # -- guards -------------------------------------------------------------------------------
 
@@ -521,8 +542,8 @@ class RedisDriver(Driver):
         Redis has no statement to cancel: once the socket is shut down the server sees the
         client leave and drops it (and its ``BLPOP``) at once.
         """
-        for borrow in borrows:
-            _cut(borrow.connection, self._refuse_reconnect)
+        for connection in self._own(borrow.connection for borrow in borrows):
+            _cut(connection, self._refuse_reconnect)
 
     async def close_connections(self) -> None:
         """Disconnect every idle connection and cut any still out; none of them reconnects."""
@@ -540,22 +561,22 @@ class RedisDriver(Driver):
     def _close_all(self) -> None:
         refuse = self._refuse_reconnect
         self._close_pinned()
-        for connection in _in_use(self.pool):
+        for connection in self._own(_in_use(self.pool)):
             _cut(connection, refuse)
-        for connection in _idle(self.pool):
+        for connection in self._own(_idle(self.pool)):
             _seal(connection, refuse)
             connection.disconnect()
 
     def _cut_all(self) -> None:
-        for connection in _connections(self.pool):
+        for connection in self._own(_connections(self.pool)):
             _cut(connection, self._refuse_reconnect)
 
     async def _aclose_all(self) -> None:
         refuse = self._refuse_reconnect
         await self._aclose_pinned()
-        for connection in _in_use(self.pool):
+        for connection in self._own(_in_use(self.pool)):
             _cut(connection, refuse)
-        idle = _idle(self.pool)
+        idle = self._own(_idle(self.pool))
         for connection in idle:
             _seal(connection, refuse)
         await _disconnect_all(idle)
@@ -574,7 +595,7 @@ class RedisDriver(Driver):
     def _close_pinned(self) -> None:
         connection = getattr(self.resource, "connection", None)
         lock = _pinned_lock(self.resource)
-        if connection is None or lock is None or not lock.acquire(blocking=False):
+        if connection is None or lock is None or not self._own([connection]) or not lock.acquire(blocking=False):
             return
         try:
             _seal(connection, self._refuse_reconnect)
@@ -585,7 +606,7 @@ class RedisDriver(Driver):
     async def _aclose_pinned(self) -> None:
         connection = getattr(self.resource, "connection", None)
         lock = getattr(self.resource, "_single_conn_lock", None)
-        if connection is None or lock is None or lock.locked():
+        if connection is None or lock is None or lock.locked() or not self._own([connection]):
             return
         _seal(connection, self._refuse_reconnect)
         await connection.disconnect(nowait=True)

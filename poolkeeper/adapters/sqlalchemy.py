@@ -240,6 +240,10 @@ class SQLAlchemyDriver(Driver):
         self._library_classes: weakref.WeakKeyDictionary[Pool, tuple[type[Pool], type[Any] | None]] = (
             weakref.WeakKeyDictionary()
         )
+        # DBAPI connections the parent process opened (set in a forked child): never closed here.
+        # Held strongly: their ids stay unique, and a collected psycopg2 or asyncpg connection
+        # would send its goodbye on the socket it shares with the parent.
+        self._inherited: dict[int, Any] = {}
 
     @property
     def managed_object(self) -> Any:
@@ -337,11 +341,35 @@ class SQLAlchemyDriver(Driver):
             elif isinstance(queue, sqla_queue.Queue) and isinstance(pool, QueuePool):
                 _refuse_queue(queue, self.keeper)
 
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:
+        """In a forked child: the parent's connections, idle or borrowed, are never closed from here.
+
+        What SQLAlchemy's ``engine.dispose(close=False)`` does for the engine, this does for the
+        keeper: the connections stay the parent's, the child opens its own.
+        """
+        records = list(borrowed)
+        for pool in list(self.pools):
+            queue = getattr(pool, "_pool", None)
+            if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
+                asyncio_queue = vars(queue).get("_queue")
+                records += [] if asyncio_queue is None else list(asyncio_queue._queue)  # noqa: SLF001 -- asyncio.Queue's deque
+            elif isinstance(queue, sqla_queue.Queue):
+                records += list(queue.queue)
+        self._inherited.update(
+            (id(record.dbapi_connection), record.dbapi_connection)
+            for record in records
+            if record.dbapi_connection is not None
+        )
+        self.loop = None  # the parent's event loop does not run here
+
+    def _own(self, record: Any) -> bool:
+        """True if ``record``'s connection was opened by this process (and is open)."""
+        connection = record.dbapi_connection
+        return connection is not None and id(connection) not in self._inherited
+
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:
         """Cancel every borrowed connection's statement on the server, then cut its socket."""
-        connections = [
-            borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
-        ]
+        connections = [borrow.connection.driver_connection for borrow in borrows if self._own(borrow.connection)]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
@@ -422,6 +450,8 @@ class SQLAlchemyDriver(Driver):
         """Close the idle connections of ``pool`` in this thread (or greenlet)."""
         records = self._take_idle(pool)
         for record in records:
+            if record.dbapi_connection is not None and not self._own(record):
+                continue  # the parent's: dropped from the pool, never closed (see forget_inherited)
             if self.is_async and record.dbapi_connection is not None:
                 say_goodbye(record.driver_connection)
             record.close()
