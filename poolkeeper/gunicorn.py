@@ -1,0 +1,138 @@
+"""Server hooks for gunicorn: one line in ``gunicorn.conf.py``.
+
+.. code-block:: python
+
+    # gunicorn.conf.py
+    from poolkeeper.gunicorn import *  # post_fork, post_worker_init, worker_exit, on_exit
+
+    # optional: another registry, a readiness delay before each worker stops accepting
+    import poolkeeper.gunicorn
+    poolkeeper.gunicorn.configure(shutdown_delay=5.0)
+
+What each hook does, with or without ``--preload``:
+
+* ``post_fork`` (in each new worker): SQLAlchemy engines start the worker with their own
+  connections (``engine.dispose(close=False)``, SQLAlchemy's own fork recipe), so a connection
+  the master opened before forking (a query at import time under ``--preload``) is never shared.
+  The keepers have already forgotten everything the master had (see docs/processes.md).
+* ``post_worker_init`` (in each worker, after gunicorn installed the worker's own signal
+  handlers, which would replace any installed earlier): poolkeeper's SIGTERM handler goes in
+  front of gunicorn's. The first SIGTERM makes ``registry.draining`` true (readiness fails)
+  while the worker keeps serving for ``shutdown_delay`` seconds, then gunicorn's graceful stop
+  follows. For workers whose server handles signals itself (uvicorn workers), nothing is
+  installed: use :func:`poolkeeper.fastapi.lifespan` for the delay there.
+* ``worker_exit`` (in each worker, once it stopped serving): closes the registry within what is
+  left of gunicorn's ``graceful_timeout`` and logs the report once, through gunicorn's error log,
+  with the worker's pid.
+* ``on_exit`` (in the master): closes what the master itself opened (pools created and used at
+  import time under ``--preload``), without the "keepers left open at exit" warning; nothing is
+  logged unless something was still borrowed there.
+
+gunicorn itself is never imported here: the hooks only use the objects gunicorn passes them.
+If you define a hook of the same name yourself, call ours from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from poolkeeper._registry import Registry, get_registry
+from poolkeeper._signals import SignalHandlers, check_registry, install_signal_handlers
+from poolkeeper._timeouts import check_timeout
+
+__all__ = ["configure", "on_exit", "post_fork", "post_worker_init", "worker_exit"]
+
+logger = logging.getLogger("poolkeeper.gunicorn")
+
+#: Seconds kept back from ``graceful_timeout`` so that a worker's close ends before gunicorn kills it.
+EXIT_MARGIN = 1.0
+
+_settings: dict[str, Any] = {"registry": None, "shutdown_delay": 0.0}
+_handlers: SignalHandlers | None = None
+_stopped_at: float | None = None  # when gunicorn's own SIGTERM handler ran in this worker
+
+
+def configure(registry: Registry | None = None, *, shutdown_delay: float = 0.0) -> None:
+    """Set what the hooks use; call it in ``gunicorn.conf.py``.
+
+    Args:
+        registry: the registry to drain and close (default: :func:`poolkeeper.get_registry`).
+        shutdown_delay: seconds a worker keeps serving, with readiness failing, after SIGTERM
+            and before gunicorn's graceful stop (the time a load balancer needs to stop routing).
+
+    Raises:
+        TypeError: ``registry`` is not a :class:`poolkeeper.Registry`.
+        ValueError: ``shutdown_delay`` is negative, NaN or infinite.
+    """
+    _settings["registry"] = check_registry(registry)
+    _settings["shutdown_delay"] = check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
+
+
+def _registry() -> Registry:
+    registry: Registry | None = _settings["registry"]
+    return registry if registry is not None else get_registry()
+
+
+def post_fork(server: Any, worker: Any) -> None:  # noqa: ARG001 -- gunicorn's hook signature
+    """In a new worker: SQLAlchemy engines open the worker's own connections (``dispose(close=False)``)."""
+    for keeper in _registry().keepers:
+        engine = getattr(keeper.driver, "engine", None)
+        if keeper.kind == "sqlalchemy" and engine is not None:
+            engine.dispose(close=False)  # drops the master's connections from the pool, never closes them
+
+
+def post_worker_init(worker: Any) -> None:
+    """In a worker, after gunicorn's own handlers: put poolkeeper's SIGTERM handling in front of them."""
+    global _handlers  # noqa: PLW0603 -- one set of handlers per worker process
+    stop_serving = signal.getsignal(signal.SIGTERM)
+    if not callable(stop_serving):
+        # uvicorn's worker resets SIGTERM and its server installs its own handler later, replacing
+        # anything put here; poolkeeper.fastapi.lifespan(shutdown_delay=...) chains in front of it.
+        worker.log.info("poolkeeper: this worker's server handles SIGTERM itself; no handler installed")
+        return
+
+    # gunicorn's handler, timed: the graceful_timeout budget runs from the first SIGTERM, and
+    # the delay poolkeeper's handler waits before passing it on has spent part of it.
+    def timed_stop_serving(signum: int, frame: Any) -> None:
+        global _stopped_at  # noqa: PLW0603 -- per worker process
+        if _stopped_at is None:
+            _stopped_at = time.monotonic()
+        stop_serving(signum, frame)
+
+    signal.signal(signal.SIGTERM, timed_stop_serving)
+    _handlers = install_signal_handlers(_registry(), signals=(signal.SIGTERM,), delay=_settings["shutdown_delay"])
+
+
+def worker_exit(server: Any, worker: Any) -> None:  # noqa: ARG001 -- gunicorn's hook signature
+    """In a worker that stopped serving: close the registry within ``graceful_timeout``; log the report once."""
+    registry = _registry()
+    graceful = float(getattr(worker.cfg, "graceful_timeout", 30.0))
+    spent = 0.0 if _stopped_at is None else time.monotonic() - _stopped_at + _settings["shutdown_delay"]
+    deadline = max(0.0, graceful - spent - EXIT_MARGIN)
+    already_closed = registry.closed  # by the app's own shutdown (an ASGI lifespan)
+    try:
+        report = registry.close(deadline=deadline)
+    except Exception:
+        worker.log.exception("poolkeeper: worker %d: closing the registry failed", os.getpid())
+        return
+    finally:
+        if _handlers is not None:
+            _handlers.uninstall()
+    log = worker.log.info if report.ok else worker.log.warning
+    how = "closed by the application" if already_closed else f"closed within {deadline:.3g}s"
+    log("poolkeeper: worker %d %s:\n%s", os.getpid(), how, report)
+
+
+def on_exit(server: Any) -> None:
+    """In the master, as it exits: close what the master opened itself, quietly."""
+    registry = _registry()
+    if registry.closed or not registry.keepers:
+        return
+    borrowed = sum(keeper.borrowed for keeper in registry.keepers)
+    report = registry.close(deadline=EXIT_MARGIN if borrowed == 0 else None)
+    if not report.ok or borrowed:
+        server.log.warning("poolkeeper: master %d closed its own pools:\n%s", os.getpid(), report)
