@@ -19,8 +19,9 @@ What each hook does, with or without ``--preload``:
   handlers, which would replace any installed earlier): poolkeeper's SIGTERM handler goes in
   front of gunicorn's. The first SIGTERM makes ``registry.draining`` true (readiness fails)
   while the worker keeps serving for ``shutdown_delay`` seconds, then gunicorn's graceful stop
-  follows. For workers whose server handles signals itself (uvicorn workers), nothing is
-  installed: use :func:`poolkeeper.fastapi.lifespan` for the delay there.
+  follows. uvicorn workers handle SIGTERM themselves while serving: use
+  :func:`poolkeeper.fastapi.lifespan` for the delay there; the hook only makes sure the worker
+  leaves through ``worker_exit`` afterwards instead of dying of the re-raised signal.
 * ``worker_exit`` (in each worker, once it stopped serving): closes the registry within what is
   left of gunicorn's ``graceful_timeout`` and logs the report once, through gunicorn's error log,
   with the worker's pid.
@@ -90,9 +91,12 @@ def post_worker_init(worker: Any) -> None:
     global _handlers  # noqa: PLW0603 -- one set of handlers per worker process
     stop_serving = signal.getsignal(signal.SIGTERM)
     if not callable(stop_serving):
-        # uvicorn's worker resets SIGTERM and its server installs its own handler later, replacing
-        # anything put here; poolkeeper.fastapi.lifespan(shutdown_delay=...) chains in front of it.
-        worker.log.info("poolkeeper: this worker's server handles SIGTERM itself; no handler installed")
+        # uvicorn's worker resets SIGTERM to the default, and its server puts its own handler in
+        # front of whatever is here while it serves (poolkeeper.fastapi.lifespan(shutdown_delay=...)
+        # chains in front of that one). Once it has stopped serving, uvicorn raises the SIGTERM
+        # again: with the default the worker would die of it before worker_exit runs, unreported.
+        signal.signal(signal.SIGTERM, _exit_worker)
+        worker.log.debug("poolkeeper: this worker's server handles SIGTERM while it serves")
         return
 
     # gunicorn's handler, timed: the graceful_timeout budget runs from the first SIGTERM, and
@@ -105,6 +109,10 @@ def post_worker_init(worker: Any) -> None:
 
     signal.signal(signal.SIGTERM, timed_stop_serving)
     _handlers = install_signal_handlers(_registry(), signals=(signal.SIGTERM,), delay=_settings["shutdown_delay"])
+
+
+def _exit_worker(signum: int, frame: Any) -> None:  # noqa: ARG001 -- a signal handler's signature
+    raise SystemExit(0)  # gunicorn then runs worker_exit, as for any worker leaving normally
 
 
 def worker_exit(server: Any, worker: Any) -> None:  # noqa: ARG001 -- gunicorn's hook signature

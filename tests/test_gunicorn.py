@@ -48,7 +48,7 @@ class Gunicorn:
     def __init__(self, app: str, *options: str, env: dict[str, str]) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn_conf.py", "-b", f"127.0.0.1:{self.port}", *options, app],
+            [str(GUNICORN), "-c", "gunicorn_conf.py", "-b", f"127.0.0.1:{self.port}", *options, "--", app],
             cwd=PROGRAMS,
             env={**os.environ, **env, "PYTHONPATH": str(PROGRAMS.parent.parent)},
             stdout=subprocess.DEVNULL,
@@ -103,14 +103,25 @@ def redis_clients(url: str, name: str) -> list[int]:
         return [int(client["id"]) for client in side.client_list() if client.get("name") == name]
 
 
-def test_preload_worker_and_master_shutdown(server: Server, pg_url: str, redis_url: str, application_name: str) -> None:
+WORKERS = {
+    "sync": ("gunicorn_app:application",),
+    "gthread": ("gunicorn_app:application", "--threads", "4"),
+    "uvicorn": ("gunicorn_app:asgi_application", "-k", "uvicorn_worker.UvicornWorker"),
+}
+
+
+@pytest.mark.parametrize("worker_class", list(WORKERS))
+def test_preload_worker_and_master_shutdown(
+    server: Server, pg_url: str, redis_url: str, application_name: str, worker_class: str
+) -> None:
     """SIGTERM to a worker spares the master's and the other worker's connections; SIGTERM to the master leaves none."""
     env = {
         "PK_APPLICATION_NAME": application_name,
         "POOLKEEPER_POSTGRES_URL": pg_url,
         "POOLKEEPER_REDIS_URL": redis_url,
     }
-    gunicorn = Gunicorn("gunicorn_app:application", "--preload", "-w", "2", env=env)
+    app, *options = WORKERS[worker_class]
+    gunicorn = Gunicorn(app, "--preload", "-w", "2", *options, env=env)
     try:
         assert eventually(lambda: len(gunicorn.workers()) == 2 and "Booting worker" in gunicorn.stderr), gunicorn.stderr
         imported = re.search(r"import pid=(\d+) backend=(\d+) redis=(\d+)", gunicorn.stderr)

@@ -17,7 +17,7 @@ import redis
 import sqlalchemy as sa
 
 import poolkeeper
-from poolkeeper.health import HealthMiddleware
+from poolkeeper.health import HealthMiddleware, liveness, readiness
 
 APPLICATION_NAME = os.environ["PK_APPLICATION_NAME"]
 
@@ -37,13 +37,31 @@ with engine.connect() as connection:  # at import: in the master, under --preloa
 print(f"import pid={os.getpid()} backend={master_backend} redis={cache.client_id()}", file=sys.stderr, flush=True)  # noqa: T201 -- read by the test
 
 
-def identities(environ: dict[str, Any], start_response: Any) -> list[bytes]:  # noqa: ARG001 -- WSGI's signature
+def served() -> dict[str, Any]:
     """Which worker, backend and Redis client served this request."""
     with engine.connect() as connection:
         backend = connection.exec_driver_sql("select pg_backend_pid()").scalar()
-    body = json.dumps({"pid": os.getpid(), "backend": backend, "redis": cache.client_id()}).encode()
+    return {"pid": os.getpid(), "backend": backend, "redis": cache.client_id()}
+
+
+def identities(environ: dict[str, Any], start_response: Any) -> list[bytes]:  # noqa: ARG001 -- WSGI's signature
+    """The WSGI view."""
+    body = json.dumps(served()).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 
 
 application = HealthMiddleware(identities)
+
+
+async def asgi_application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The same app for uvicorn workers, in plain ASGI (blocking calls are fine for this test)."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    checks = {"/readyz": readiness, "/livez": liveness}
+    status, body = checks[scope["path"]]() if scope["path"] in checks else (200, served())
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
