@@ -57,7 +57,7 @@ application = HealthMiddleware(identities)
 async def asgi_application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The same app for uvicorn workers, in plain ASGI (blocking calls are fine for this test)."""
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
