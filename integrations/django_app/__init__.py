@@ -1,0 +1,1 @@
+"""The one-file Django example (see app.py)."""

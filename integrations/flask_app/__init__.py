@@ -1,0 +1,1 @@
+"""The Flask example (see app.py)."""

@@ -1,0 +1,47 @@
+"""A Flask app kept by poolkeeper, served by gunicorn with the hooks of ``poolkeeper.gunicorn``.
+
+    gunicorn -c integrations/gunicorn_conf.py integrations.flask_app.app:app
+
+``GET /work?ms=N`` holds a database connection for N ms; ``/readyz`` and ``/livez`` come from
+:class:`poolkeeper.health.HealthMiddleware`. SIGTERM: readiness answers 503 at once, the
+workers keep serving for ``POOLKEEPER_SHUTDOWN_DELAY`` seconds, gunicorn stops them gracefully,
+and each worker closes its pools and logs its report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from flask import Flask, jsonify, request
+
+import poolkeeper
+from integrations.sync_common import make_engine
+from poolkeeper.health import HealthMiddleware
+
+if TYPE_CHECKING:
+    from flask.typing import ResponseReturnValue
+
+engine = poolkeeper.wrap(
+    make_engine(), name="db", drain_timeout=float(os.environ.get("POOLKEEPER_DRAIN_TIMEOUT", "10"))
+)
+
+app = Flask(__name__)
+
+
+@app.get("/work")
+def work() -> ResponseReturnValue:
+    """Hold a database connection for ``ms`` milliseconds."""
+    seconds = int(request.args.get("ms", "50")) / 1000
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text("select pg_sleep(:seconds)"), {"seconds": seconds})
+        else:
+            connection.execute(sa.text("select 1"))
+            time.sleep(seconds)
+    return jsonify(pid=os.getpid())
+
+
+app.wsgi_app = HealthMiddleware(app.wsgi_app)  # type: ignore[method-assign]  # Flask's documented way to add WSGI middleware
