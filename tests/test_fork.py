@@ -11,6 +11,9 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
+from tests.conftest import Server
 from tests.programs.child import PROGRAMS, ROOT
 
 
@@ -80,3 +83,27 @@ def test_parent_async_connections_survive_child_close(pg_url: str, redis_url: st
     assert result["same"] is True  # the very same backends, Redis client and HTTP connection as before the fork
     assert result["report"]["ok"] is True
     assert result["parent_report"]["ok"] is True
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_multiprocessing_workers_use_and_close_their_own_connections(
+    server: Server, pg_url: str, application_name: str, start_method: str
+) -> None:
+    """With the documented recipe, pool workers use and close their own connections and the parent's keeps working."""
+    completed = subprocess.run(
+        [sys.executable, str(PROGRAMS / "mp_program.py"), start_method, pg_url, application_name],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+    before, after = result["parent"]
+    assert before == after  # the parent's pooled connection survived its workers
+    assert before not in result["worker_backends"]  # no worker used the parent's connection
+    assert result["ok"] is True
+    for pid in result["workers"]:  # each worker closed its own registry as it exited
+        assert f"worker {pid} closed: ok=True" in completed.stderr
+    assert server.settle(lambda: server.backends() == [], timeout=5), server.backends()
