@@ -85,6 +85,14 @@ def test_parent_async_connections_survive_child_close(pg_url: str, redis_url: st
     assert result["parent_report"]["ok"] is True
 
 
+def test_child_registry_state_is_its_own(pg_url: str, redis_url: str, application_name: str) -> None:
+    """In a child the parent's draining and closed registries are open again; keepers the parent closed stay closed."""
+    result = run_scenario("state", pg_url, redis_url, application_name)
+
+    expected = {"draining": False, "closed": False, "report": False, "keeper_state": "closed", "child_close": "skipped"}
+    assert expected == {key: result[key] for key in expected}
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_multiprocessing_workers_use_and_close_their_own_connections(
     server: Server, pg_url: str, application_name: str, start_method: str

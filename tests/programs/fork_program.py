@@ -219,7 +219,35 @@ def async_adapters() -> dict[str, Any]:
     return asyncio.run(main())
 
 
-SCENARIOS = {"idle": idle, "running": running, "blpop": blpop, "exit_net": exit_net, "async": async_adapters}
+def state() -> dict[str, Any]:
+    """The child's registries start afresh: not draining, not closed, no report; closed keepers stay refused."""
+    draining = poolkeeper.Registry()
+    draining.wrap(sa.create_engine("sqlite://"), name="db")
+    draining.start_draining()
+    closed = poolkeeper.Registry()
+    closed.wrap(sa.create_engine("sqlite://"), name="db")
+    closed.close()
+
+    def child() -> dict[str, Any]:
+        return {
+            "draining": draining.draining,
+            "closed": closed.closed,
+            "report": closed.report is not None,
+            "keeper_state": closed["db"].state.value,
+            "child_close": closed.close()["db"].outcome,
+        }
+
+    return fork(child)
+
+
+SCENARIOS = {
+    "idle": idle,
+    "running": running,
+    "blpop": blpop,
+    "exit_net": exit_net,
+    "async": async_adapters,
+    "state": state,
+}
 
 if __name__ == "__main__":
     print(json.dumps(SCENARIOS[SCENARIO]()), flush=True)  # noqa: T201 -- the program's output, read by the test
