@@ -98,8 +98,7 @@ class Driver(abc.ABC):
         """
         return None
 
-    @abc.abstractmethod
-    def forget_inherited(self, borrowed: Sequence[Any]) -> None:
+    def forget_inherited(self, borrowed: Sequence[Any]) -> None:  # noqa: B027 -- every adapter of a pool overrides it
         """In a forked child, right after the fork: leave every connection that exists now to the parent.
 
         From then on nothing this driver does in the child (force-close, close, a late return)
@@ -107,6 +106,8 @@ class Driver(abc.ABC):
         socket is shared with the parent. Such connections are dropped, never closed; only the
         connections the child opens itself are closed. ``borrowed`` are the keys of the parent's
         borrows, which the keeper has just forgotten. Called while no other thread exists.
+
+        The default does nothing: an adapter whose resource holds connections must override it.
         """
 
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default

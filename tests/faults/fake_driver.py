@@ -114,9 +114,6 @@ class FakeDriver(Driver):
         super().attach(keeper)
         self.pool.driver = self
 
-    def forget_inherited(self, borrowed: Sequence[Any]) -> None:
-        """Nothing here outlives a fork that the tests rely on."""
-
     def refuse(self) -> None:
         self.refused.set()
 
