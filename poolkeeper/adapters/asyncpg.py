@@ -465,8 +465,8 @@ class AsyncpgDriver(Driver):
 
     def refuse(self) -> None:
         """Wake the tasks waiting in ``acquire()`` for a free connection; they get the refusal."""
-        if self._queue is None:
-            return  # not initialized: nobody can be waiting
+        if self._queue is None or self._inherited:
+            return  # not initialized, or the parent's (no task of this process waits on its loop)
         refusing = _guarded_queue_classes(self._queue_class)[1]  # type: ignore[arg-type]  # set with _queue
         if self._on_home_thread():
             self._refuse_queue(refusing)

@@ -351,6 +351,8 @@ class SQLAlchemyDriver(Driver):
         for pool in list(self.pools):
             queue = getattr(pool, "_pool", None)
             if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
+                if isinstance(queue, _GuardedAsyncQueue):
+                    queue._pk_waiters = set()  # noqa: SLF001 -- the parent's tasks, on the parent's loop
                 asyncio_queue = vars(queue).get("_queue")
                 records += [] if asyncio_queue is None else list(asyncio_queue._queue)  # noqa: SLF001 -- asyncio.Queue's deque
             elif isinstance(queue, sqla_queue.Queue):
