@@ -20,10 +20,24 @@ DRIVERS = [
     "testcontainers",
     "prometheus_client",
     "opentelemetry",
+    "gunicorn",
+    "flask",
+    "django",
+    "celery",
 ]
 
 
-@pytest.mark.parametrize("module", ["poolkeeper", "poolkeeper.errors", "poolkeeper.cli", "poolkeeper.pytest_plugin"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "poolkeeper",
+        "poolkeeper.errors",
+        "poolkeeper.cli",
+        "poolkeeper.pytest_plugin",
+        "poolkeeper.gunicorn",
+        "poolkeeper.health",
+    ],
+)
 def test_importing_poolkeeper_imports_no_driver(module):
     """A fresh interpreter that imports poolkeeper has none of the wrapped libraries loaded."""
     code = (
