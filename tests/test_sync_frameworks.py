@@ -32,7 +32,10 @@ def test_sigterm_under_load_fails_no_routed_request(framework: str, pg_url: str)
     env = {
         "POOLKEEPER_DEMO_DATABASE_URL": pg_url,
         "POOLKEEPER_DEMO_APPLICATION_NAME": application_name,
-        "POOLKEEPER_SHUTDOWN_DELAY": "1.0",
+        # Longer than the router's probe can take: a sync worker answers the probe only after
+        # the requests queued before it (the probe's own timeout is 1 s), so on a busy machine
+        # a 1 s delay can end before the router has seen readiness fail.
+        "POOLKEEPER_SHUTDOWN_DELAY": "2.0",
     }
     result = run_scenario(Scenario(command=command, port=port, env=env, clients=8, path="/work?ms=50"))
 
