@@ -1,13 +1,13 @@
 """Server hooks for gunicorn: one line in ``gunicorn.conf.py``.
 
-.. code-block:: python
+```python
+# gunicorn.conf.py
+from poolkeeper.gunicorn import *  # post_fork, post_worker_init, worker_exit, on_exit
 
-    # gunicorn.conf.py
-    from poolkeeper.gunicorn import *  # post_fork, post_worker_init, worker_exit, on_exit
-
-    # optional: another registry, a readiness delay before each worker stops accepting
-    import poolkeeper.gunicorn
-    poolkeeper.gunicorn.configure(shutdown_delay=5.0)
+# optional: another registry, a readiness delay before each worker stops accepting
+import poolkeeper.gunicorn
+poolkeeper.gunicorn.configure(shutdown_delay=5.0)
+```
 
 What each hook does, with or without ``--preload``:
 

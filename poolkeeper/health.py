@@ -3,11 +3,11 @@
 For FastAPI/Starlette use :mod:`poolkeeper.fastapi`. Everywhere else (Flask, Django, any WSGI
 app under gunicorn):
 
-.. code-block:: python
-
-    from poolkeeper.health import HealthMiddleware
-    app.wsgi_app = HealthMiddleware(app.wsgi_app)          # Flask
-    application = HealthMiddleware(get_wsgi_application())  # Django's wsgi.py
+```python
+from poolkeeper.health import HealthMiddleware
+app.wsgi_app = HealthMiddleware(app.wsgi_app)          # Flask
+application = HealthMiddleware(get_wsgi_application())  # Django's wsgi.py
+```
 
 or call :func:`readiness` / :func:`liveness` from a view of your own. Readiness answers from
 state, in microseconds, even when every pool connection is borrowed: 503 from the moment
