@@ -35,7 +35,6 @@ If you define a hook of the same name yourself, call ours from it.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -46,8 +45,6 @@ from poolkeeper._signals import SignalHandlers, check_registry, install_signal_h
 from poolkeeper._timeouts import check_timeout
 
 __all__ = ["configure", "on_exit", "post_fork", "post_worker_init", "worker_exit"]
-
-logger = logging.getLogger("poolkeeper.gunicorn")
 
 #: Seconds kept back from ``graceful_timeout`` so that a worker's close ends before gunicorn kills it.
 EXIT_MARGIN = 1.0
@@ -141,6 +138,6 @@ def on_exit(server: Any) -> None:
     if registry.closed or not registry.keepers:
         return
     borrowed = sum(keeper.borrowed for keeper in registry.keepers)
-    report = registry.close(deadline=EXIT_MARGIN if borrowed == 0 else None)
+    report = registry.close(deadline=EXIT_MARGIN)  # the master serves nothing: no drain to wait for
     if not report.ok or borrowed:
         server.log.warning("poolkeeper: master %d closed its own pools:\n%s", os.getpid(), report)
