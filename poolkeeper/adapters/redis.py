@@ -456,6 +456,8 @@ class RedisDriver(Driver):
 
     def _own(self, connections: Iterable[Any]) -> list[Any]:
         """The connections of ``connections`` that are not on a socket the parent opened."""
+        if not self._inherited:  # not a forked child: all of them (and no cost per connection)
+            return list(connections)
         return [connection for connection in connections if id(_transport(connection)) not in self._inherited]
 
     # -- guards -------------------------------------------------------------------------------

@@ -371,7 +371,11 @@ class SQLAlchemyDriver(Driver):
 
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:
         """Cancel every borrowed connection's statement on the server, then cut its socket."""
-        connections = [borrow.connection.driver_connection for borrow in borrows if self._own(borrow.connection)]
+        if self._inherited:  # a forked child: the parent's connections are left alone
+            borrows = [borrow for borrow in borrows if self._own(borrow.connection)]
+        connections = [
+            borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
+        ]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
@@ -451,9 +455,9 @@ class SQLAlchemyDriver(Driver):
     def close_idle_now(self, pool: Pool) -> None:
         """Close the idle connections of ``pool`` in this thread (or greenlet)."""
         records = self._take_idle(pool)
+        if self._inherited:  # a forked child: the parent's are dropped from the pool, never closed
+            records = [record for record in records if record.dbapi_connection is None or self._own(record)]
         for record in records:
-            if record.dbapi_connection is not None and not self._own(record):
-                continue  # the parent's: dropped from the pool, never closed (see forget_inherited)
             if self.is_async and record.dbapi_connection is not None:
                 say_goodbye(record.driver_connection)
             record.close()
