@@ -179,6 +179,29 @@ async def test_a_plain_mock_of_client_session_request_is_called_as_on_an_unwrapp
     assert request.call_args_list[0] == request.call_args_list[1]
 
 
+@pytest.mark.asyncio
+async def test_a_synchronous_mock_of_client_session_request_is_called_without_an_await(make_session):
+    """A MagicMock patched on ClientSession._request is called by session.get() itself, as on an unwrapped session."""
+    wrapped, plain = make_session(), make_session()
+    Registry().wrap(wrapped, name="http")
+    for session in (plain, wrapped):
+        with mock.patch("aiohttp.ClientSession._request", new_callable=mock.MagicMock) as request:
+            session.get("http://test.invalid/", params={"x": 1})  # never awaited, as in aiohttp's test_http_GET
+        assert request.called, f"the mock was not called for the {'wrapped' if session is wrapped else 'plain'} session"
+        assert request.call_args == mock.call("GET", "http://test.invalid/", params={"x": 1}, allow_redirects=True)
+
+
+@pytest.mark.asyncio
+async def test_a_session_whose_request_class_is_a_factory_can_be_wrapped(make_session, http_server: HttpServer):
+    """A request_class that is a callable, not a class (a mock, a factory), is kept as it is and still called."""
+    factory = mock.Mock(side_effect=aiohttp.ClientRequest)
+    session = make_session(request_class=factory)
+    Registry().wrap(session, name="http")
+    async with session.get(f"{http_server.url}/fast") as response:
+        assert response.status == 200
+    assert factory.called
+
+
 async def answer_under_aioresponses(session: aiohttp.ClientSession) -> object:
     """What a GET answers with aioresponses mocking it: the JSON body, or the error, as text."""
     from aioresponses import aioresponses  # noqa: PLC0415 -- a test dependency only these tests use

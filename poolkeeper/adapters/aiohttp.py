@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ from poolkeeper.adapters._base import Driver, unsupported_version
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
@@ -177,8 +178,8 @@ def _recording_request_class(cls: type[Any]) -> type[Any]:
     connector (then all of them are its own); a session on a shared connector would leave a
     request stuck sending to a peer that stopped reading with its socket open.
     """
-    if cls in _recording_classes.values():
-        return cls
+    if not isinstance(cls, type) or cls in _recording_classes.values():
+        return cls  # not a class (a factory, a mock): nothing to subclass; or already recording
     if cls not in _recording_classes:
 
         async def send(self: Any, conn: Connection) -> Any:
@@ -213,6 +214,13 @@ def _tell_websocket(connection: Connection, error: ClientConnectionError) -> Non
     queue = getattr(protocol, "_payload", None)  # the websocket's message queue once upgraded
     if type(queue).__name__ in _WEBSOCKET_QUEUES:
         queue.feed_data(WSMessage(WSMsgType.ERROR, error, None), 0)  # type: ignore[union-attr]
+
+
+def _discard(library_call: Awaitable[Any]) -> None:
+    """Close a request coroutine that will never run (its request was refused): no "never awaited" warning."""
+    close = getattr(library_call, "close", None)
+    if inspect.iscoroutine(library_call) and close is not None:
+        close()
 
 
 def _forced_error(name: str) -> ClientConnectionError:
@@ -251,15 +259,24 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
     keeper = driver.keeper
     checkin = keeper.checkin
 
-    async def _request(method: str, str_or_url: Any, **kwargs: Any) -> ClientResponse:
-        keeper.admit()
+    def _request(method: str, str_or_url: Any, **kwargs: Any) -> Any:
+        # The class's own _request is called now, as an unwrapped session calls it: a mock patched
+        # onto the class after wrapping sees the call at once, even one nobody awaits (a plain
+        # MagicMock, as aiohttp's own tests use). Calling a coroutine function runs none of it.
+        library_call: Any = _library_request(session)(method, str_or_url, **kwargs)  # a mock may return anything
+        if not inspect.isawaitable(library_call):
+            return library_call  # a mock answered synchronously: no connection, no borrow
+        return _borrowed(library_call)
+
+    async def _borrowed(library_call: Awaitable[ClientResponse]) -> ClientResponse:
         task = asyncio.current_task()
         request = _InFlight(task)
-        if not keeper.lend(request, request):
+        if not keeper.lending or not keeper.lend(request, request):
+            _discard(library_call)
             raise keeper.refusal()
         token = _in_flight.set(request)
         try:
-            response: ClientResponse = await _library_request(session)(method, str_or_url, **kwargs)
+            response: ClientResponse = await library_call
         except BaseException as error:
             request.task = request.sending = None
             checkin(request)
