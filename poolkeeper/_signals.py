@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from poolkeeper._budget import Budget, Plan, grace_period_or_default
 from poolkeeper._registry import Registry, get_registry
 from poolkeeper._timeouts import check_timeout
 
@@ -237,17 +238,40 @@ class SignalHandlers:
     """
 
     def __init__(
-        self, registry: Registry, signals: tuple[signal.Signals, ...], *, delay: float, deadline: float | None
+        self,
+        registry: Registry,
+        signals: tuple[signal.Signals, ...],
+        *,
+        shutdown_delay: float,
+        deadline: float | None,
+        plan: Plan | None = None,
+        delay_on_sigint: bool = False,
     ) -> None:
         self.registry = registry
-        self.delay = delay
+        self.shutdown_delay = shutdown_delay
+        self.delay_on_sigint = delay_on_sigint
         self.deadline = deadline
+        #: The event loop the registry is best closed on at the force point (set by the lifespan).
+        self.loop: Any = None
         self._hurry = threading.Event()  # set by a second signal or uninstall(): stop waiting `delay`
         self._interceptor = _Interceptor(
             signals,
             self._react,
             registry._mark_draining,  # noqa: SLF001 -- poolkeeper-internal: the flag a signal handler may flip
         )
+        self.budget = None if plan is None else Budget(registry, plan, self._ask_server_to_exit, lambda: self.loop)
+
+    @property
+    def delay(self) -> float:
+        """Deprecated name of :attr:`shutdown_delay`."""
+        return self.shutdown_delay
+
+    def close_deadline(self, deadline: float | None) -> float | None:
+        """``deadline`` bounded by what is left of the grace budget (unchanged before any signal)."""
+        remaining = None if self.budget is None else self.budget.remaining()
+        if remaining is None:
+            return deadline
+        return remaining if deadline is None else min(deadline, remaining)
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -256,7 +280,7 @@ class SignalHandlers:
 
     def __repr__(self) -> str:
         names = ", ".join(sig.name for sig in self.signals) or "none"
-        return f"<SignalHandlers signals=[{names}] delay={self.delay}>"
+        return f"<SignalHandlers signals=[{names}] shutdown_delay={self.shutdown_delay}>"
 
     def uninstall(self) -> None:
         """Restore the handlers that were replaced; idempotent.
@@ -265,6 +289,8 @@ class SignalHandlers:
         """
         self._interceptor.uninstall()
         self._hurry.set()
+        if self.budget is not None:
+            self.budget.stop()
 
     def __enter__(self) -> Self:
         return self
@@ -292,22 +318,26 @@ class SignalHandlers:
 
     def _first(self, sig: signal.Signals) -> None:
         self.registry.start_draining()
+        if self.budget is not None:
+            self.budget.start()
         chained = callable(self._interceptor.previous(sig))
+        # Ctrl-C is a developer, not a load balancer: nobody needs the endpoint-propagation gap.
+        delay = self.shutdown_delay if sig != signal.SIGINT or self.delay_on_sigint else 0.0
         logger.info(
             "poolkeeper: %s received: draining; %s in %.3gs",
             sig.name,
             "passing it on" if chained else "closing the registry",
-            self.delay,
-            extra={"poolkeeper_signal": sig.name, "poolkeeper_delay": self.delay},
+            delay,
+            extra={"poolkeeper_signal": sig.name, "poolkeeper_delay": delay},
         )
-        self._hurry.wait(self.delay)
+        self._hurry.wait(delay)
         if chained:
             self._interceptor.deliver(sig)
             return
         # Nothing at Python level would have handled it (SIG_DFL): close the registry, then let
         # the signal end the process as it would have, so the exit status still says SIGTERM.
         try:
-            self.registry.close(deadline=self.deadline)
+            self.registry.close(deadline=self.close_deadline(self.deadline))
         except Exception:
             logger.exception("poolkeeper: closing the registry on %s failed", sig.name)
         logger.info("poolkeeper: registry closed; %s now ends the process", sig.name)
@@ -315,6 +345,15 @@ class SignalHandlers:
         if sig in _TERMINATING:
             time.sleep(_KILL_GRACE)  # the process normally dies during this sleep
             os._exit(128 + sig)  # the main thread never came back to run Python code
+
+    def _ask_server_to_exit(self) -> None:
+        """The exit point of the grace budget: the server's own force-exit path.
+
+        uvicorn (and gunicorn's uvicorn workers) treat a SIGINT after a first signal as "exit
+        now" (``force_exit``): it stops waiting for requests and skips the lifespan shutdown,
+        which is why the registry has been force-closed, and its report logged, before this.
+        """
+        self._interceptor.deliver(signal.SIGINT)
 
     def _force(self) -> None:
         try:
@@ -339,7 +378,13 @@ _installed: SignalHandlers | None = None
 
 
 def _already_installed(
-    registry: Registry, wanted: tuple[signal.Signals, ...], delay: float, deadline: float | None
+    registry: Registry,
+    wanted: tuple[signal.Signals, ...],
+    *,
+    shutdown_delay: float,
+    deadline: float | None,
+    plan: Plan,
+    delay_on_sigint: bool,
 ) -> SignalHandlers | None:
     """The handlers in place if they are the ones asked for; raise naming what differs; None if none."""
     current = _installed
@@ -350,8 +395,10 @@ def _already_installed(
         for argument, same in (
             ("registry", current.registry is registry),
             ("signals", set(current._interceptor.wanted) == set(wanted)),  # noqa: SLF001
-            ("delay", current.delay == delay),
+            ("shutdown_delay", current.shutdown_delay == shutdown_delay),
             ("deadline", current.deadline == deadline),
+            ("grace_period", current.budget is not None and current.budget.plan.grace_period == plan.grace_period),
+            ("delay_on_sigint", current.delay_on_sigint == delay_on_sigint),
         )
         if not same
     ]
@@ -367,20 +414,30 @@ def install_signal_handlers(
     registry: Registry | None = None,
     *,
     signals: Iterable[int] = _DEFAULT_SIGNALS,
-    delay: float = 0.0,
+    shutdown_delay: float = 0.0,
     deadline: float | None = None,
+    grace_period: float | None = None,
+    delay_on_sigint: bool = False,
+    delay: float | None = None,
 ) -> SignalHandlers:
     """Make SIGTERM and SIGINT start a graceful shutdown, chained to the handlers they replace.
 
     The first signal makes ``registry.draining`` true at once (readiness answers 503) while
     keepers still lend, so requests in flight and those still arriving are served. After
-    ``delay`` seconds the signal goes on to the handler it would have reached: a server's
-    (uvicorn, gunicorn), which stops accepting, drains its requests and closes the registry from
-    its lifespan; or Python's SIGINT handler, which raises ``KeyboardInterrupt``. Where no
-    Python-level handler was in place (``SIG_DFL``), poolkeeper closes the registry itself
-    (within ``deadline``) and then lets the signal end the process as it would have. A signal
-    that is ignored (``SIG_IGN``) stays ignored. A second signal force-closes everything at once
-    (and is passed on as well, where there is a handler to pass it to).
+    ``shutdown_delay`` seconds (none for SIGINT unless ``delay_on_sigint``) the signal goes on
+    to the handler it would have reached: a server's (uvicorn, gunicorn), which stops
+    accepting, drains its requests and closes the registry from its lifespan; or Python's
+    SIGINT handler, which raises ``KeyboardInterrupt``. Where no Python-level handler was in
+    place (``SIG_DFL``), poolkeeper closes the registry itself (within ``deadline``) and then
+    lets the signal end the process as it would have. A signal that is ignored (``SIG_IGN``)
+    stays ignored. A second signal force-closes everything at once (and is passed on as well,
+    where there is a handler to pass it to).
+
+    The whole shutdown fits in ``grace_period``, counted from the first signal: at the force
+    point (``grace_period - close_timeout - margin``) connections still borrowed are
+    force-closed and the registry closes; at the exit point (``grace_period - margin``) a
+    server still running is asked to exit now (a SIGINT: uvicorn's ``force_exit``). See
+    ``docs/kubernetes.md`` for the timeline.
 
     Must be called from the main thread; anywhere else it installs nothing and warns.
     Idempotent: while they are installed, a second call with the same arguments returns the
@@ -390,27 +447,41 @@ def install_signal_handlers(
     Args:
         registry: the registry to drain and close (default: :func:`poolkeeper.get_registry`).
         signals: the signals to handle.
-        delay: seconds between draining and passing the first signal on (the time a load
-            balancer needs to stop sending traffic).
+        shutdown_delay: seconds between draining and passing the first signal on (the time a
+            load balancer needs to stop sending traffic).
         deadline: bounds the close poolkeeper performs itself where there was no handler.
+        grace_period: the pod's ``terminationGracePeriodSeconds`` (default:
+            ``$POOLKEEPER_GRACE_PERIOD``, else 30).
+        delay_on_sigint: wait out ``shutdown_delay`` on SIGINT too (Ctrl-C skips it by default).
+        delay: deprecated spelling of ``shutdown_delay``.
 
     Returns:
         The installed handlers; ``uninstall()`` restores what they replaced.
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: ``delay``/``deadline`` is negative, NaN or infinite, a signal cannot be
-            handled, or handlers with other arguments are already installed.
+        ValueError: ``shutdown_delay``/``deadline``/``grace_period`` is negative, NaN or
+            infinite, a signal cannot be handled, or handlers with other arguments are already
+            installed.
     """
     global _installed  # noqa: PLW0603 -- one set of handlers per process, like the signals themselves
     checked = check_registry(registry)
     wanted = check_signals("signals", signals)
-    seconds = check_timeout("delay", delay, allow_none=False) or 0.0
+    seconds = shutdown_delay_argument(shutdown_delay, delay)
     bound = check_timeout("deadline", deadline)
+    plan = plan_for(checked, grace_period, seconds)
+    if not isinstance(delay_on_sigint, bool):
+        raise TypeError(f"delay_on_sigint must be True or False, got {delay_on_sigint!r}")
     on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread and (current := _already_installed(checked, wanted, seconds, bound)) is not None:
+    if on_main_thread and (
+        current := _already_installed(
+            checked, wanted, shutdown_delay=seconds, deadline=bound, plan=plan, delay_on_sigint=delay_on_sigint
+        )
+    ):
         return current
-    handlers = SignalHandlers(checked, wanted, delay=seconds, deadline=bound)
+    handlers = SignalHandlers(
+        checked, wanted, shutdown_delay=seconds, deadline=bound, plan=plan, delay_on_sigint=delay_on_sigint
+    )
     if not on_main_thread:
         warnings.warn(
             "poolkeeper.install_signal_handlers() was called off the main thread; Python lets only the "
@@ -422,3 +493,26 @@ def install_signal_handlers(
     handlers._interceptor.install()  # noqa: SLF001 -- the handle owns its interceptor
     _installed = handlers
     return handlers
+
+
+def shutdown_delay_argument(shutdown_delay: object, delay: object, *, stacklevel: int = 3) -> float:
+    """``shutdown_delay`` checked, or the deprecated ``delay`` (with a ``DeprecationWarning``)."""
+    if delay is not None:
+        warnings.warn(
+            "poolkeeper: 'delay' is deprecated; use 'shutdown_delay' (the same name as in the FastAPI lifespan)",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        if shutdown_delay != 0.0:
+            raise TypeError("pass shutdown_delay only; delay is its deprecated spelling")
+        return check_timeout("delay", delay, allow_none=False) or 0.0
+    return check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
+
+
+def plan_for(registry: Registry, grace_period: object, shutdown_delay: float) -> Plan:
+    """The grace budget's plan for ``registry``; logs a warning when its timeouts do not fit."""
+    close_timeout = max((keeper.close_timeout for keeper in registry.keepers), default=registry.close_timeout)
+    plan = Plan(grace_period_or_default(grace_period), shutdown_delay, close_timeout)
+    for problem in plan.problems():
+        logger.warning("poolkeeper: grace budget: %s", problem, extra={"poolkeeper_event": "budget-misfit"})
+    return plan

@@ -63,7 +63,7 @@ def test_readiness_is_200_with_keeper_states_then_503_once_draining(make_engine)
     registry = Registry()
     registry.wrap(make_engine(password=PASSWORD), name="db")
     app = FastAPI(lifespan=lifespan(registry))
-    app.include_router(health_router(registry))
+    app.include_router(health_router(registry, ping=True))
     with TestClient(app) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200
@@ -89,7 +89,7 @@ def test_readiness_is_503_when_a_ping_fails_and_shows_no_password():
     )
     registry.wrap(dead, name="db")
     app = FastAPI(lifespan=lifespan(registry))
-    app.include_router(health_router(registry))
+    app.include_router(health_router(registry, ping=True))
     with TestClient(app) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
@@ -100,11 +100,11 @@ def test_readiness_is_503_when_a_ping_fails_and_shows_no_password():
 
 
 def test_readiness_without_ping_reports_state_only(make_engine):
-    """health_router(ping=False) never touches the keepers' servers."""
+    """health_router() (pings are opt-in) never touches the keepers' servers."""
     registry = Registry()
     registry.wrap(make_engine(), name="db")
     app = FastAPI()
-    app.include_router(health_router(registry, ping=False, ready_path="/ready", live_path="/live"))
+    app.include_router(health_router(registry, ready_path="/ready", live_path="/live"))
     client = TestClient(app)
     assert client.get("/ready").json()["keepers"]["db"] == {"kind": "sqlalchemy", "state": "open", "borrowed": 0}
     assert client.get("/live").status_code == 200

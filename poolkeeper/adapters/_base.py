@@ -85,10 +85,15 @@ class Driver(abc.ABC):
     def close_connections(self) -> Awaitable[None]:
         """Close every physical connection the pool still has (the caller bounds the time)."""
 
-    async def ping(self) -> None:  # noqa: B027 -- optional: a library without a cheap ping is "up"
+    #: Whether :meth:`ping` checks anything; readiness reports "not checked" when it does not.
+    can_ping: ClassVar[bool] = False
+
+    async def ping(self) -> None:  # noqa: B027 -- optional: a library without a cheap ping is "not checked"
         """Check cheaply that the server answers (``SELECT 1``, ``PING``); raise if it does not.
 
-        Readiness probes call this with a short timeout. The default does nothing.
+        Readiness probes call this (opt-in, cached, with a timeout). It must never take a pool
+        connection a request could use: it talks over a side connection of its own. The
+        default does nothing, and :attr:`can_ping` says so.
         """
 
     def idle_count(self) -> int | None:

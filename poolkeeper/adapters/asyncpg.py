@@ -580,9 +580,23 @@ class AsyncpgDriver(Driver):
         for connection in _open_connections(self.pool._holders):  # noqa: SLF001
             connection.terminate()
 
+    can_ping = True
+
     async def ping(self) -> None:
-        """``SELECT 1`` through the pool (a real checkout: a dead server or exhausted pool fails it)."""
-        await run_on_loop(self.home_loop, self.pool.fetchval("select 1"))
+        """``SELECT 1`` on a side connection made with the pool's own arguments, then closed.
+
+        Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        """
+
+        async def ping_side() -> None:
+            pool = self.pool
+            connection = await asyncpg.connect(*pool._connect_args, **pool._connect_kwargs)  # noqa: SLF001 -- the pool's own connect arguments
+            try:
+                await connection.fetchval("select 1")
+            finally:
+                connection.terminate()  # no goodbye round trip: the socket just closes
+
+        await run_on_loop(self.home_loop, ping_side())
 
     # -- Pool.close() and Pool.terminate() on a wrapped pool -------------------------------------
 

@@ -583,12 +583,38 @@ class RedisDriver(Driver):
             _seal(connection, refuse)
         await _disconnect_all(idle)
 
+    can_ping = True
+
     async def ping(self) -> None:
-        """``PING`` through the client (a real checkout: a dead server or a closed keeper fails it)."""
+        """``PING`` on a side connection made with the pool's own class and arguments, then closed.
+
+        Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        """
+        pool = self.pool
         if self.is_async:
-            await run_on_loop(self.loop, self.resource.ping())
-        else:
-            await run_blocking(self.resource.ping, name="poolkeeper-redis-ping")
+
+            async def ping_side() -> None:
+                connection = pool.connection_class(**pool.connection_kwargs)
+                try:
+                    await connection.connect()
+                    await connection.send_command("PING")
+                    await connection.read_response()
+                finally:
+                    await connection.disconnect()
+
+            await run_on_loop(self.loop, ping_side())
+            return
+
+        def ping_side_blocking() -> None:
+            connection = pool.connection_class(**pool.connection_kwargs)
+            try:
+                connection.connect()
+                connection.send_command("PING")
+                connection.read_response()
+            finally:
+                connection.disconnect()
+
+        await run_blocking(ping_side_blocking, name="poolkeeper-redis-ping")
 
     # A single-connection client holds its connection for its whole life; when no command is
     # using it (its lock is free), it is disconnected outright rather than only cut, so that the

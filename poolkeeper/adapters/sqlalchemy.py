@@ -404,22 +404,27 @@ class SQLAlchemyDriver(Driver):
             return records
         return []
 
+    can_ping = True
+
     async def ping(self) -> None:
-        """``SELECT 1`` through the pool (a real checkout: a dead server or exhausted pool fails it)."""
-        if self.resource is not self.engine:  # an AsyncEngine: ping on the loop its connections use
+        """``SELECT 1`` on a side connection made the engine's own way (its creator), then closed.
 
-            async def ping_async() -> None:
-                async with self.resource.connect() as connection:
-                    await connection.exec_driver_sql("select 1")
+        Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        """
 
-            await run_on_loop(self.loop, ping_async())
+        def ping_side() -> None:
+            side = self.engine.pool._invoke_creator(None)  # type: ignore[arg-type]  # noqa: SLF001 -- the engine's connect, no record
+            try:
+                cursor = side.cursor()
+                cursor.execute("select 1")
+                cursor.close()
+            finally:
+                side.close()
+
+        if self.is_async:
+            await run_on_loop(self.loop, greenlet_spawn(ping_side))  # loop None: the probe's own
             return
-
-        def ping_sync() -> None:
-            with self.engine.connect() as connection:
-                connection.exec_driver_sql("select 1")
-
-        await run_blocking(ping_sync, name="poolkeeper-sqlalchemy-ping")
+        await run_blocking(ping_side, name="poolkeeper-sqlalchemy-ping")
 
     def returned_after_close(self) -> None:
         """A forced borrower gave its connection back after the sweep: close it too."""

@@ -1,0 +1,73 @@
+"""A FastAPI app for the grace-budget end-to-end tests: run with ``uvicorn grace_app:app --app-dir tests/programs``.
+
+Settings from the environment: ``PK_DATABASE_URL`` (libpq URL), ``PK_APPLICATION_NAME``,
+``POOLKEEPER_GRACE_PERIOD``, ``PK_SHUTDOWN_DELAY``, ``PK_CLOSE_TIMEOUT``. Logs are JSON lines on
+stderr. ``/slow-async`` holds an AsyncEngine (asyncpg) connection in ``pg_sleep``, ``/slow-sync``
+a sync Engine (psycopg) connection, ``/hang`` holds no connection and never finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import poolkeeper
+from poolkeeper.demo.service import JsonLines
+from poolkeeper.fastapi import health_router, lifespan
+
+handler = logging.StreamHandler(sys.stderr)
+handler.setFormatter(JsonLines())
+logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+url = sa.make_url(os.environ["PK_DATABASE_URL"])
+name = os.environ["PK_APPLICATION_NAME"]
+registry = poolkeeper.Registry(close_timeout=float(os.environ.get("PK_CLOSE_TIMEOUT", "2")), track_borrowers=True)
+sync_engine = registry.wrap(
+    sa.create_engine(
+        url.set(drivername="postgresql+psycopg"),
+        pool_size=15,
+        max_overflow=0,
+        connect_args={"application_name": name},
+    ),
+    name="sync-db",
+)
+async_engine = registry.wrap(
+    create_async_engine(
+        url.set(drivername="postgresql+asyncpg"),
+        pool_size=15,
+        max_overflow=0,
+        connect_args={"server_settings": {"application_name": name}},
+    ),
+    name="async-db",
+)
+app = FastAPI(lifespan=lifespan(registry, shutdown_delay=float(os.environ.get("PK_SHUTDOWN_DELAY", "0"))))
+app.include_router(health_router(registry))
+
+
+@app.get("/slow-async")
+async def slow_async(seconds: float = 60) -> dict[str, str]:
+    """Hold an asyncpg connection in pg_sleep."""
+    async with async_engine.connect() as connection:
+        await connection.execute(sa.text("select pg_sleep(:s)"), {"s": seconds})
+    return {"slept": "async"}
+
+
+@app.get("/slow-sync")
+def slow_sync(seconds: float = 60) -> dict[str, str]:
+    """Hold a psycopg connection in pg_sleep (in the threadpool)."""
+    with sync_engine.connect() as connection:
+        connection.execute(sa.text("select pg_sleep(:s)"), {"s": seconds})
+    return {"slept": "sync"}
+
+
+@app.get("/hang")
+async def hang() -> dict[str, str]:
+    """Never finish, holding no connection: only the exit point ends the server's drain."""
+    await asyncio.sleep(3600)
+    return {}

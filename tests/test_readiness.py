@@ -1,0 +1,154 @@
+"""Readiness under load: answered from state while the pool is exhausted; pings opt-in, cached, on side connections."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import statistics
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from poolkeeper import Registry
+from poolkeeper._health import HealthCheck
+from poolkeeper.fastapi import health_router
+from tests.conftest import sqlalchemy_url
+from tests.grace_service import grace_service, start_requests
+
+POOL_SIZE = 15
+
+
+def probe(connection: http.client.HTTPConnection) -> tuple[int, dict[str, Any], float]:
+    """One GET /readyz on a kept-alive connection: status, body, seconds taken."""
+    started = time.perf_counter()
+    connection.request("GET", "/readyz")
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    return response.status, body, time.perf_counter() - started
+
+
+def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_url):
+    """15 requests hold all 15 connections: /readyz p99 < 10 ms and 200; after SIGTERM (draining) 503."""
+    with grace_service(pg_url, grace_period=30.0, shutdown_delay=3.0) as service:
+        threads, _ = start_requests(service, ["/slow-async?seconds=20"] * POOL_SIZE)
+        prober = http.client.HTTPConnection("127.0.0.1", service.port, timeout=5)
+        end = time.monotonic() + 10
+        while probe(prober)[1]["keepers"]["async-db"]["borrowed"] != POOL_SIZE:
+            assert time.monotonic() < end, "the 15 slow requests never held the whole pool"
+        results = [probe(prober) for _ in range(300)]
+        service.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 1
+        while (draining := probe(prober))[0] != 503:
+            assert time.monotonic() < end
+        prober.close()
+        service.process.kill()
+        for thread in threads:
+            thread.join(5)
+    latencies = [seconds for _, _, seconds in results]
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    p50 = statistics.median(latencies)
+    print(f"/readyz, pool exhausted: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")  # noqa: T201 -- the numbers
+    assert {status for status, _, _ in results} == {200}
+    assert p99 < 0.010, f"/readyz p99 {p99 * 1000:.1f} ms with the pool exhausted"
+    assert draining[1]["status"] == "draining"
+
+
+def test_with_ping_on_readiness_stays_ok_with_every_pool_connection_borrowed(pg_url, application_name):
+    """ping=True pings over a side connection: with the pool of 15 exhausted the ping is still 'ok'."""
+    registry = Registry(drain_timeout=0.0, close_timeout=2.0)
+    engine = registry.wrap(
+        create_async_engine(
+            sqlalchemy_url(pg_url, "asyncpg"),
+            pool_size=POOL_SIZE,
+            max_overflow=0,
+            connect_args={"server_settings": {"application_name": application_name}},
+        ),
+        name="db",
+    )
+    check = HealthCheck(registry, ping=True, ping_timeout=2.0)
+
+    async def exhausted_then_probe() -> tuple[int, dict[str, Any]]:
+        held = [await engine.connect() for _ in range(POOL_SIZE)]
+        try:
+            return await check.readiness()
+        finally:
+            for connection in held:
+                await connection.close()
+            await registry.aclose()
+
+    status, body = asyncio.run(exhausted_then_probe())
+    assert (status, body["keepers"]["db"]["ping"], body["keepers"]["db"]["borrowed"]) == (200, "ok", POOL_SIZE)
+
+
+def test_concurrent_probes_share_one_ping_and_reuse_it_for_the_interval(make_engine):
+    """50 concurrent readiness checks cause one ping; the next ones within ping_interval cause none."""
+    registry = Registry()
+    registry.wrap(make_engine(), name="db")
+    check = HealthCheck(registry, ping=True, ping_interval=60.0)
+    driver = registry["db"].driver
+    calls = []
+    real_ping = driver.ping
+
+    async def counted_ping() -> None:
+        calls.append(time.monotonic())
+        await real_ping()
+
+    driver.ping = counted_ping  # type: ignore[method-assign]  # a spy that calls through to the real ping
+
+    async def probes() -> list[tuple[int, dict[str, object]]]:
+        first = await asyncio.gather(*(check.readiness() for _ in range(50)))
+        later = [await check.readiness() for _ in range(20)]
+        return [*first, *later]
+
+    results = asyncio.run(probes())
+    registry.close()
+    assert len(calls) == 1
+    assert {status for status, _ in results} == {200}
+
+
+def test_ping_timeout_is_configurable_and_a_late_ping_fails_readiness(make_engine):
+    """A ping slower than ping_timeout makes readiness 503 'failed: no answer within ...'."""
+    registry = Registry()
+    registry.wrap(make_engine(), name="db")
+    driver = registry["db"].driver
+
+    async def slow_ping() -> None:
+        await asyncio.sleep(1.0)
+
+    driver.ping = slow_ping  # type: ignore[method-assign]  # a server that answers too late
+    check = HealthCheck(registry, ping=True, ping_timeout=0.05)
+    started = time.monotonic()
+    status, body = asyncio.run(check.readiness())
+    registry.close()
+    assert time.monotonic() - started < 0.5
+    assert (status, body["keepers"]["db"]["ping"]) == (503, "failed: no answer within 0.05s")
+
+
+def test_a_keeper_that_cannot_ping_reports_not_checked_never_ok():
+    """An aiohttp session has no cheap ping: with ping=True it says 'not checked' and does not fail readiness."""
+    registry = Registry()
+
+    async def check() -> tuple[int, dict[str, object]]:
+        registry.wrap(aiohttp.ClientSession(), name="upstream")
+        try:
+            return await HealthCheck(registry, ping=True).readiness()
+        finally:
+            await registry.aclose()
+
+    status, body = asyncio.run(check())
+    assert (status, body["keepers"]["upstream"]["ping"]) == (200, "not checked")  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error"),
+    [("ping_timeout", 0, ValueError), ("ping_timeout", -1, ValueError), ("ping_interval", float("nan"), ValueError)],
+)
+def test_bad_ping_settings_are_refused_by_name(argument, value, error):
+    """ping_timeout must be positive and ping_interval a finite number >= 0; the error names the argument."""
+    with pytest.raises(error, match=argument):
+        health_router(Registry(), ping=True, **{argument: value})
