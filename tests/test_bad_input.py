@@ -65,7 +65,15 @@ TIMEOUT_ARGUMENTS: list[tuple[str, Callable[[Any], Any]]] = [
     ("timeout", lambda value: Registry().on_shutdown(timeout=value)),  # the decorator form fails at once too
     ("deadline", lambda value: Registry().close(deadline=value)),
     ("deadline", lambda value: asyncio.run(Registry().aclose(deadline=value))),
-    ("delay", lambda value: poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], delay=value)),
+    (
+        "shutdown_delay",
+        lambda value: poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], shutdown_delay=value),
+    ),
+    (
+        "grace_period",
+        lambda value: poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], grace_period=value),
+    ),
+    ("grace_period", lambda value: poolkeeper_fastapi.lifespan(Registry(), grace_period=value)),
     (
         "deadline",
         lambda value: poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], deadline=value),

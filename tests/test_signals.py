@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -81,14 +82,39 @@ def test_without_a_python_handler_poolkeeper_closes_and_the_signal_ends_the_proc
     assert server.settle(lambda: not server.backends())
 
 
-def test_sigint_is_passed_on_to_pythons_handler_as_keyboard_interrupt(spawn):
-    """SIGINT reaches Python's default handler after the delay: KeyboardInterrupt, with draining already true."""
+def test_sigint_skips_the_shutdown_delay_and_becomes_keyboard_interrupt_at_once(spawn):
+    """Ctrl-C is a developer: with a 30 s shutdown delay, KeyboardInterrupt still comes at once, draining true."""
     child = spawn("sigint")
     child.expect("main: ready")
+    sent = time.monotonic()
     child.send(signal.SIGINT)
     child.expect("main: KeyboardInterrupt; draining=True")
+    assert time.monotonic() - sent < 5
     assert child.wait(10) == 0
     assert "main: closed ok=True" in child.output
+
+
+def test_delay_on_sigint_makes_sigint_wait_out_the_shutdown_delay(spawn):
+    """With delay_on_sigint=True, SIGINT waits out the 1 s shutdown delay like SIGTERM before KeyboardInterrupt."""
+    child = spawn("sigint-delayed")
+    child.expect("main: ready")
+    sent = time.monotonic()
+    child.send(signal.SIGINT)
+    arrived = child.expect("main: KeyboardInterrupt; draining=True")
+    assert arrived - sent >= 1.0
+    assert child.wait(10) == 0
+
+
+def test_delay_is_a_deprecated_alias_of_shutdown_delay():
+    """install_signal_handlers(delay=...) still works, warns DeprecationWarning, and sets shutdown_delay."""
+    with pytest.warns(DeprecationWarning, match="shutdown_delay"):
+        handlers = poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], delay=0.25)
+    handlers.uninstall()
+    assert handlers.shutdown_delay == 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(TypeError, match="shutdown_delay"):
+            poolkeeper.install_signal_handlers(Registry(), signals=[signal.SIGUSR2], delay=1, shutdown_delay=2)
 
 
 @pytest.mark.usefixtures("sigusr1_handler")
@@ -151,8 +177,11 @@ def test_off_the_main_thread_nothing_is_installed_and_a_warning_says_why():
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
-        ({"delay": -1}, ValueError, "delay"),
-        ({"delay": float("nan")}, ValueError, "delay"),
+        ({"shutdown_delay": -1}, ValueError, "shutdown_delay"),
+        ({"shutdown_delay": float("nan")}, ValueError, "shutdown_delay"),
+        ({"grace_period": 0}, ValueError, "grace_period"),
+        ({"grace_period": float("inf")}, ValueError, "grace_period"),
+        ({"delay_on_sigint": "yes"}, TypeError, "delay_on_sigint"),
         ({"deadline": float("inf")}, ValueError, "deadline"),
         ({"signals": "SIGTERM"}, TypeError, "signals"),
         ({"signals": [10_000]}, ValueError, "signals"),

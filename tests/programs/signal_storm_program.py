@@ -55,7 +55,7 @@ def borrow_and_sleep() -> None:
 
 if mode == "chain":
     signal.signal(signal.SIGTERM, server_handler)
-    poolkeeper.install_signal_handlers(registry, delay=0.2)
+    poolkeeper.install_signal_handlers(registry, shutdown_delay=0.2)
 elif mode == "default":
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     poolkeeper.install_signal_handlers(registry)

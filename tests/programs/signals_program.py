@@ -5,7 +5,8 @@ Usage: signals_program.py MODE POSTGRES_URL APPLICATION_NAME
 chain    a Python-level SIGTERM handler (a server's) is in place; delay 0.5 s.
 force    the same with delay 30 s and a connection borrowed by a thread running pg_sleep(60).
 default  SIGTERM is SIG_DFL; a borrowed connection runs pg_sleep(60); drain_timeout 0.5 s.
-sigint   SIGINT is Python's default handler (KeyboardInterrupt); delay 0.3 s.
+sigint   SIGINT is Python's default handler (KeyboardInterrupt); shutdown delay 30 s, skipped on SIGINT.
+sigint-delayed  delay_on_sigint=True and a shutdown delay of 1 s.
 """
 
 # ruff: noqa: T201 -- a test program talks to its test through stdout
@@ -56,7 +57,7 @@ def wait_until_draining() -> None:
 
 if mode in ("chain", "force"):
     signal.signal(signal.SIGTERM, server_handler)
-    poolkeeper.install_signal_handlers(registry, delay=0.5 if mode == "chain" else 30)
+    poolkeeper.install_signal_handlers(registry, shutdown_delay=0.5 if mode == "chain" else 30)
     if mode == "force":
         threading.Thread(target=borrow_and_sleep).start()
         borrowed.wait(10)
@@ -79,9 +80,11 @@ elif mode == "default":
     print("main: ready", flush=True)
     threading.Event().wait(60)
     print("main: still alive", flush=True)
-elif mode == "sigint":
+elif mode in ("sigint", "sigint-delayed"):
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    poolkeeper.install_signal_handlers(registry, delay=0.3)
+    # Ctrl-C skips the shutdown delay unless delay_on_sigint: "sigint-delayed" waits it out.
+    delayed = mode == "sigint-delayed"
+    poolkeeper.install_signal_handlers(registry, shutdown_delay=1.0 if delayed else 30, delay_on_sigint=delayed)
     print("main: ready", flush=True)
     try:
         threading.Event().wait(60)
