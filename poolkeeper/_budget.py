@@ -76,6 +76,8 @@ class Plan:
     grace_period: float
     shutdown_delay: float
     close_timeout: float
+    #: The registry's own drain, after the server has drained; the force point cuts it if needed.
+    drain_timeout: float = 0.0
 
     @property
     def margin(self) -> float:
@@ -99,15 +101,21 @@ class Plan:
 
     def problems(self) -> list[str]:
         """Why the configured timeouts do not fit the grace period (empty when they do)."""
-        if self.fits:
-            return []
-        needed = self.shutdown_delay + self.close_timeout + self.margin
-        problem = (
-            f"shutdown delay {self.shutdown_delay:g}s + close_timeout {self.close_timeout:g}s + margin "
-            f"{self.margin:g}s = {needed:g}s does not fit in the grace period of {self.grace_period:g}s: "
-            "requests get no time to drain; raise the grace period or lower the delay or close_timeout"
-        )
-        return [problem]
+        problems = []
+        if not self.fits:
+            needed = self.shutdown_delay + self.close_timeout + self.margin
+            problems.append(
+                f"shutdown delay {self.shutdown_delay:g}s + close_timeout {self.close_timeout:g}s + margin "
+                f"{self.margin:g}s = {needed:g}s does not fit in the grace period of {self.grace_period:g}s: "
+                "requests get no time to drain; raise the grace period or lower the delay or close_timeout"
+            )
+        elif self.shutdown_delay + self.drain_timeout > self.force_at:
+            problems.append(
+                f"drain_timeout {self.drain_timeout:g}s cannot be honoured: after the shutdown delay of "
+                f"{self.shutdown_delay:g}s the force point at {self.force_at:g}s cuts it to "
+                f"{self.force_at - self.shutdown_delay:g}s; lower drain_timeout or raise the grace period"
+            )
+        return problems
 
     def timeline(self) -> list[tuple[float, str]]:
         """``(seconds after SIGTERM, what happens)`` for each phase."""

@@ -19,7 +19,7 @@ from poolkeeper._hooks import Hook, check_hook, running_hook
 from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._leak_watch import forget_inherited as forget_inherited_leak_watch
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
-from poolkeeper._timeouts import check_name, check_timeout
+from poolkeeper._timeouts import DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, check_name, check_timeout
 from poolkeeper.adapters import driver_for
 from poolkeeper.errors import RegistrationError
 
@@ -116,7 +116,11 @@ class Registry:
     """
 
     def __init__(
-        self, *, drain_timeout: float = 30.0, close_timeout: float = 10.0, track_borrowers: bool = False
+        self,
+        *,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        track_borrowers: bool = False,
     ) -> None:
         self.drain_timeout: float = check_timeout("drain_timeout", drain_timeout, allow_none=False)  # type: ignore[assignment]
         self.close_timeout: float = check_timeout("close_timeout", close_timeout, allow_none=False)  # type: ignore[assignment]

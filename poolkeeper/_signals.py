@@ -511,8 +511,10 @@ def shutdown_delay_argument(shutdown_delay: object, delay: object, *, stacklevel
 
 def plan_for(registry: Registry, grace_period: object, shutdown_delay: float) -> Plan:
     """The grace budget's plan for ``registry``; logs a warning when its timeouts do not fit."""
-    close_timeout = max((keeper.close_timeout for keeper in registry.keepers), default=registry.close_timeout)
-    plan = Plan(grace_period_or_default(grace_period), shutdown_delay, close_timeout)
+    keepers = registry.keepers
+    close_timeout = max((keeper.close_timeout for keeper in keepers), default=registry.close_timeout)
+    drain_timeout = max((keeper.drain_timeout for keeper in keepers), default=registry.drain_timeout)
+    plan = Plan(grace_period_or_default(grace_period), shutdown_delay, close_timeout, drain_timeout)
     for problem in plan.problems():
         logger.warning("poolkeeper: grace budget: %s", problem, extra={"poolkeeper_event": "budget-misfit"})
     return plan

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import time
 
-__all__ = ["Deadline", "check_name", "check_timeout"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "DEFAULT_DRAIN_TIMEOUT", "Deadline", "check_name", "check_timeout"]
+
+# The defaults fit Kubernetes' default 30 s grace period with room for a 5 s shutdown delay:
+# 5 (delay) + 15 (drain) + 5 (force-close and close) + 3 (margin: a tenth of the grace period) = 28.
+#: Default seconds a keeper waits for borrowed connections to come back.
+DEFAULT_DRAIN_TIMEOUT = 15.0
+#: Default seconds a keeper gets to force-close and close its connections (and a hook to run).
+DEFAULT_CLOSE_TIMEOUT = 5.0
 
 
 def check_timeout(argument: str, value: object, *, allow_none: bool = True) -> float | None:
