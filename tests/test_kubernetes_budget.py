@@ -1,4 +1,4 @@
-"""The Kubernetes manifest's grace period covers the shutdown budget it documents."""
+"""The Kubernetes manifest's probes and timeouts fit the grace budget poolkeeper plans inside its grace period."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from poolkeeper._budget import GRACE_PERIOD_ENV, Plan
+from poolkeeper.cli import main
 
 MANIFEST = Path(__file__).resolve().parent.parent / "integrations" / "kubernetes" / "deployment.yaml"
 
@@ -16,17 +19,63 @@ def container() -> tuple[dict[str, Any], dict[str, Any]]:
     return pod, pod["containers"][0]
 
 
-def test_grace_period_exceeds_delay_plus_server_drain_plus_pool_deadline():
-    """Shutdown delay + server drain + registry deadline leaves a margin inside terminationGracePeriodSeconds."""
-    pod, service = container()
-    env = {item["name"]: item.get("value") for item in service["env"]}
-    server_drain = next(
-        float(arg.split("=", 1)[1]) for arg in service["command"] if arg.startswith("--timeout-graceful-shutdown=")
+def settings() -> dict[str, float]:
+    _, service = container()
+    return {item["name"]: float(item["value"]) for item in service["env"] if "value" in item}
+
+
+def plan() -> Plan:
+    env = settings()
+    return Plan(
+        env[GRACE_PERIOD_ENV],
+        env["POOLKEEPER_SHUTDOWN_DELAY"],
+        env["POOLKEEPER_CLOSE_TIMEOUT"],
+        env["POOLKEEPER_DRAIN_TIMEOUT"],
     )
-    delay = float(env["POOLKEEPER_SHUTDOWN_DELAY"])
-    deadline = float(env["POOLKEEPER_DEADLINE"])
-    assert deadline >= float(env["POOLKEEPER_DRAIN_TIMEOUT"]) + float(env["POOLKEEPER_CLOSE_TIMEOUT"])
-    assert delay + server_drain + deadline + 3 <= pod["terminationGracePeriodSeconds"]
+
+
+def test_poolkeeper_is_told_the_pods_grace_period():
+    """POOLKEEPER_GRACE_PERIOD equals terminationGracePeriodSeconds, so the budget ends at the kill."""
+    pod, _ = container()
+    assert settings()[GRACE_PERIOD_ENV] == pod["terminationGracePeriodSeconds"]
+
+
+def test_delay_drain_force_close_and_margin_fit_the_grace_period():
+    """Shutdown delay + drain_timeout fit before the force point; force point + close_timeout + margin = grace."""
+    budget = plan()
+    assert budget.problems() == []
+    assert budget.shutdown_delay + budget.drain_timeout <= budget.force_at
+    assert budget.force_at + budget.close_timeout + budget.margin == budget.grace_period
+    assert budget.exit_at < budget.grace_period
+
+
+def test_poolkeeper_check_agrees_with_the_manifest(capsys):
+    """`poolkeeper check` with the manifest's numbers exits 0."""
+    budget = plan()
+    arguments = ["check", "--grace-period", str(budget.grace_period), "--shutdown-delay", str(budget.shutdown_delay)]
+    arguments += ["--drain-timeout", str(budget.drain_timeout), "--close-timeout", str(budget.close_timeout)]
+    assert main(arguments) == 0, capsys.readouterr().err
+
+
+def test_the_server_drain_is_bounded_by_poolkeeper_not_by_a_server_timeout_that_could_overrun():
+    """No --timeout-graceful-shutdown: the force point ends stuck requests, inside the grace period."""
+    _, service = container()
+    assert not any(arg.startswith("--timeout-graceful-shutdown") for arg in service["command"])
+
+
+def test_readiness_survives_a_spike_and_liveness_cannot_kill_a_shutdown_in_progress():
+    """Readiness needs 3 failures (>= 10 s) to drop the pod; liveness failures cannot add up within the grace period."""
+    pod, service = container()
+    readiness, liveness = service["readinessProbe"], service["livenessProbe"]
+    assert readiness["failureThreshold"] >= 3
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] >= 10
+    assert readiness["timeoutSeconds"] >= 1
+    # From the moment uvicorn stops accepting (after the shutdown delay), liveness probes fail;
+    # they must not reach their threshold before the grace period ends the pod anyway.
+    budget = plan()
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= pod["terminationGracePeriodSeconds"] - (
+        budget.shutdown_delay
+    )
 
 
 def test_probes_use_the_health_router_paths():
