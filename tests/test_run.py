@@ -57,6 +57,23 @@ def test_a_second_signal_during_the_close_forces_it(spawn, server):
     assert server.settle(lambda: not server.backends())
 
 
+def test_the_grace_budget_forces_a_stuck_borrower_and_the_worker_exits_inside_the_grace_period(spawn, server):
+    """One SIGTERM, grace 4 s: main is cancelled after the 0.5 s delay, the stuck borrower forced at 2 s, exit < 4 s."""
+    child = spawn("budget")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    sent = time.monotonic()
+    child.send(signal.SIGTERM)
+    cancelled = child.expect("main: cancelled")
+    assert child.wait(4) == 1
+    exited = time.monotonic() - sent
+    assert cancelled - sent >= 0.5
+    assert 2.0 <= exited < 4.0
+    assert "grace budget: force point 2s" in child.output
+    assert "main: the holder got" in child.output
+    assert server.settle(lambda: not server.backends())
+
+
 def test_main_raising_gives_exit_code_1_and_the_registry_still_closes(spawn):
     """An exception from main is logged with its traceback, the registry closes, and the exit code is 1."""
     child = spawn("error")

@@ -6,6 +6,8 @@ wait    main waits forever on an async engine; a signal stops it.
 force   the same, plus a task holding a connection running pg_sleep(60); drain_timeout 30 s.
 error   main raises.
 swallow main holds a connection and swallows every CancelledError: it never stops by itself.
+budget  "force" under run(grace_period=4, shutdown_delay=0.5) with close_timeout 1 s: one SIGTERM only.
+budget-swallow  "swallow" under run(grace_period=4) with close_timeout 1 s: one SIGTERM only.
 
 DEADLINE, when given, is run()'s deadline in seconds.
 """
@@ -25,7 +27,7 @@ import poolkeeper
 mode, url, application_name = sys.argv[1:4]
 deadline = float(sys.argv[4]) if len(sys.argv) > 4 else None
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
-registry = poolkeeper.Registry(drain_timeout=30)
+registry = poolkeeper.Registry(drain_timeout=30, close_timeout=1 if mode.startswith("budget") else 5)
 holders: list[asyncio.Task[None]] = []  # a reference, so the holder task is not collected
 
 
@@ -49,10 +51,10 @@ async def main() -> None:
         await connection.execute(sa.text("select 1"))
     if mode == "error":
         raise ValueError("boom")
-    if mode in ("force", "swallow"):
+    if mode in ("force", "swallow", "budget", "budget-swallow"):
         holders.append(asyncio.ensure_future(hold(engine)))
     print("main: ready", flush=True)
-    while mode == "swallow":
+    while mode in ("swallow", "budget-swallow"):
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -64,4 +66,8 @@ async def main() -> None:
         raise
 
 
+if mode == "budget":
+    sys.exit(poolkeeper.run(main, registry=registry, grace_period=4, shutdown_delay=0.5))
+if mode == "budget-swallow":
+    sys.exit(poolkeeper.run(main, registry=registry, grace_period=4))
 sys.exit(poolkeeper.run(main, registry=registry, deadline=deadline))
