@@ -57,9 +57,12 @@ def _read(service: Service) -> None:
 
 @contextmanager
 def grace_service(
-    pg_url: str, *, grace_period: float, shutdown_delay: float = 0.0, close_timeout: float = 2.0
+    pg_url: str, *, grace_period: float, shutdown_delay: float = 0.0, close_timeout: float = 2.0, runner: str = "cli"
 ) -> Iterator[Service]:
-    """``uvicorn grace_app:app`` (the CLI, no --timeout-graceful-shutdown), ready; killed at exit if still running."""
+    """The app under ``uvicorn grace_app:app`` (``runner="cli"``, no --timeout-graceful-shutdown) or ``uvicorn.run()``.
+
+    Yields once it is ready; kills it at exit if it still runs.
+    """
     port = free_port()
     name = f"pk-grace-{uuid.uuid4().hex[:10]}"
     env = {
@@ -70,8 +73,11 @@ def grace_service(
         "PK_SHUTDOWN_DELAY": str(shutdown_delay),
         "PK_CLOSE_TIMEOUT": str(close_timeout),
     }
-    command = [sys.executable, "-m", "uvicorn", "grace_app:app", "--app-dir", str(PROGRAMS)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if runner == "cli":
+        command = [sys.executable, "-m", "uvicorn", "grace_app:app", "--app-dir", str(PROGRAMS)]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    else:
+        command = [sys.executable, str(PROGRAMS / "grace_app.py"), str(port)]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     service = Service(process, port, name)
     reader = threading.Thread(target=_read, args=(service,), daemon=True)

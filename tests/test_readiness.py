@@ -152,3 +152,42 @@ def test_bad_ping_settings_are_refused_by_name(argument, value, error):
     """ping_timeout must be positive and ping_interval a finite number >= 0; the error names the argument."""
     with pytest.raises(error, match=argument):
         health_router(Registry(), ping=True, **{argument: value})
+
+
+def test_an_asyncpg_ping_with_the_pool_exhausted_is_ok_and_refused_once_closed(pg_url, application_name):
+    """Asyncpg pool of 1, its connection held: the ping still answers 'ok'; after close it is refused."""
+    import asyncpg  # noqa: PLC0415 -- only this test needs the raw driver
+
+    async def scenario() -> tuple[str, str]:
+        pool = await asyncpg.create_pool(
+            pg_url, min_size=1, max_size=1, server_settings={"application_name": application_name}
+        )
+        registry = Registry(close_timeout=2.0)
+        registry.wrap(pool, name="pg")
+        check = HealthCheck(registry, ping=True, ping_timeout=2.0)
+        async with pool.acquire():
+            _, body = await check.readiness()
+        await registry.aclose()
+        closed = await HealthCheck(registry, ping=True)._cached_ping(registry["pg"])
+        return body["keepers"]["pg"]["ping"], closed
+
+    busy, closed = asyncio.run(scenario())
+    assert busy == "ok"
+    assert closed.startswith("failed: ")
+
+
+def test_a_redis_ping_with_the_pool_exhausted_is_ok(redis_url):
+    """A redis BlockingConnectionPool of 1 held by a pubsub: the ping goes over its own connection, 'ok'."""
+    import redis  # noqa: PLC0415 -- only this test needs the raw client
+
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1))
+    registry = Registry(close_timeout=2.0)
+    registry.wrap(client, name="cache")
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves pubsub() unannotated
+    pubsub.subscribe("pk-readiness")
+    try:
+        status, body = asyncio.run(HealthCheck(registry, ping=True, ping_timeout=2.0).readiness())
+    finally:
+        pubsub.close()
+        registry.close()
+    assert (status, body["keepers"]["cache"]["ping"]) == (200, "ok")

@@ -586,7 +586,9 @@ class AsyncpgDriver(Driver):
         """``SELECT 1`` on a side connection made with the pool's own arguments, then closed.
 
         Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        Once the keeper has started closing it raises ``PoolClosedError`` and opens nothing.
         """
+        self.keeper.admit()
 
         async def ping_side() -> None:
             pool = self.pool

@@ -589,7 +589,9 @@ class RedisDriver(Driver):
         """``PING`` on a side connection made with the pool's own class and arguments, then closed.
 
         Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        Once the keeper has started closing it raises ``PoolClosedError`` and opens nothing.
         """
+        self.keeper.admit()
         pool = self.pool
         if self.is_async:
 

@@ -410,7 +410,9 @@ class SQLAlchemyDriver(Driver):
         """``SELECT 1`` on a side connection made the engine's own way (its creator), then closed.
 
         Never a pool checkout: a pool whose every connection is borrowed is busy, not down.
+        Once the keeper has started closing it raises ``PoolClosedError`` and opens nothing.
         """
+        self.keeper.admit()
 
         def ping_side() -> None:
             side = self.engine.pool._invoke_creator(None)  # type: ignore[arg-type]  # noqa: SLF001 -- the engine's connect, no record

@@ -1,4 +1,7 @@
-"""A FastAPI app for the grace-budget end-to-end tests: run with ``uvicorn grace_app:app --app-dir tests/programs``.
+"""A FastAPI app for the grace-budget end-to-end tests.
+
+Run with ``uvicorn grace_app:app --app-dir tests/programs`` (the CLI) or ``python grace_app.py PORT``
+(``uvicorn.run()``).
 
 Settings from the environment: ``PK_DATABASE_URL`` (libpq URL), ``PK_APPLICATION_NAME``,
 ``POOLKEEPER_GRACE_PERIOD``, ``PK_SHUTDOWN_DELAY``, ``PK_CLOSE_TIMEOUT``. Logs are JSON lines on
@@ -71,3 +74,9 @@ async def hang() -> dict[str, str]:
     """Never finish, holding no connection: only the exit point ends the server's drain."""
     await asyncio.sleep(3600)
     return {}
+
+
+if __name__ == "__main__":  # `python grace_app.py PORT`: uvicorn.run() instead of the uvicorn CLI
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", log_config=None)
