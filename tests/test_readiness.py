@@ -23,13 +23,17 @@ from tests.grace_service import grace_service, start_requests
 POOL_SIZE = 15
 
 
-def probe(connection: http.client.HTTPConnection) -> tuple[int, dict[str, Any], float]:
-    """One GET /readyz on a kept-alive connection: status, body, seconds taken."""
+def probe(connection: http.client.HTTPConnection, path: str = "/readyz") -> tuple[int, dict[str, Any], float]:
+    """One GET on a kept-alive connection: status, body, seconds taken."""
     started = time.perf_counter()
-    connection.request("GET", "/readyz")
+    connection.request("GET", path)
     response = connection.getresponse()
     body = json.loads(response.read())
     return response.status, body, time.perf_counter() - started
+
+
+def p99(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98]
 
 
 def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_url):
@@ -41,6 +45,8 @@ def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_
         while probe(prober)[1]["keepers"]["async-db"]["borrowed"] != POOL_SIZE:
             assert time.monotonic() < end, "the 15 slow requests never held the whole pool"
         results = [probe(prober) for _ in range(300)]
+        # The control: the same server's most trivial endpoint, to tell a slow readiness from a busy machine.
+        control = [probe(prober, "/livez")[2] for _ in range(300)]
         service.process.send_signal(signal.SIGTERM)
         end = time.monotonic() + 1
         while (draining := probe(prober))[0] != 503:
@@ -50,11 +56,13 @@ def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_
         for thread in threads:
             thread.join(5)
     latencies = [seconds for _, _, seconds in results]
-    p99 = statistics.quantiles(latencies, n=100)[98]
-    p50 = statistics.median(latencies)
-    print(f"/readyz, pool exhausted: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")  # noqa: T201 -- the numbers
+    measured = (
+        f"/readyz with the pool exhausted: p50 {statistics.median(latencies) * 1000:.2f} ms, "
+        f"p99 {p99(latencies) * 1000:.2f} ms; /livez (control) p99 {p99(control) * 1000:.2f} ms"
+    )
+    print(measured)  # noqa: T201 -- the numbers for the record
     assert {status for status, _, _ in results} == {200}
-    assert p99 < 0.010, f"/readyz p99 {p99 * 1000:.1f} ms with the pool exhausted"
+    assert p99(latencies) < 0.010, measured
     assert draining[1]["status"] == "draining"
 
 

@@ -70,7 +70,7 @@ def test_the_grace_budget_forces_a_stuck_borrower_and_the_worker_exits_inside_th
     assert cancelled - sent >= 0.5
     assert 2.0 <= exited < 4.0
     assert "grace budget: force point 2s" in child.output
-    assert "main: the holder got" in child.output
+    assert "force-closed borrowers:\ndb: held for" in child.output  # the report names the forced borrower
     assert server.settle(lambda: not server.backends())
 
 
