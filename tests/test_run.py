@@ -208,4 +208,19 @@ def test_the_deadline_ends_a_main_that_swallows_cancellation_after_one_signal(sp
     assert time.monotonic() - signalled < 8
     assert "poolkeeper shutdown NOT ok" in child.output
     assert "did not stop within the 1.5s deadline after SIGTERM" in child.output + child.errors
+
+
+def test_at_the_exit_point_a_main_that_swallows_cancellation_is_ended_inside_the_grace_period(spawn, server):
+    """One SIGTERM, grace 4 s, main swallowing CancelledError: the exit point (3 s) ends it before 4 s, report logged."""
+    child = spawn("budget-swallow")
+    child.expect("main: ready")
+    assert server.settle(lambda: bool(server.running("pg_sleep")))
+    sent = time.monotonic()
+    child.send(signal.SIGTERM)
+    child.expect("main: cancelled, and carrying on")
+    assert child.wait(5) == 128 + signal.SIGTERM
+    exited = time.monotonic() - sent
+    assert 3.0 <= exited < 4.0
+    assert "poolkeeper shutdown NOT ok" in child.output  # the report, logged before the end
+    assert "grace budget: the process still runs" in child.output
     assert server.settle(lambda: not server.backends())
