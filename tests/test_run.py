@@ -211,7 +211,7 @@ def test_the_deadline_ends_a_main_that_swallows_cancellation_after_one_signal(sp
 
 
 def test_at_the_exit_point_a_main_that_swallows_cancellation_is_ended_inside_the_grace_period(spawn, server):
-    """One SIGTERM, grace 4 s, main swallowing CancelledError: the exit point (3 s) ends it before 4 s, report logged."""
+    """One SIGTERM, grace 4 s, main swallowing CancelledError: the exit point (3 s) ends it before 4 s, report out."""
     child = spawn("budget-swallow")
     child.expect("main: ready")
     assert server.settle(lambda: bool(server.running("pg_sleep")))
