@@ -222,14 +222,17 @@ def test_installing_twice_returns_the_same_handlers_and_one_signal_is_still_one(
     ("other", "named"),
     [
         ({"registry": Registry()}, "registry"),
-        ({"delay": 1.0}, "delay"),
+        ({"shutdown_delay": 1.0}, "shutdown_delay"),
         ({"deadline": 5.0}, "deadline"),
+        ({"grace_period": 60.0}, "grace_period"),
+        ({"delay_on_sigint": True}, "delay_on_sigint"),
         ({"signals": [signal.SIGUSR1, signal.SIGUSR2]}, "signals"),
     ],
 )
 @pytest.mark.usefixtures("sigusr1_handler")
 def test_installing_again_with_other_arguments_is_refused_naming_them(other, named):
-    """While installed, a call with another registry, delay, deadline or signals is a ValueError naming it."""
+    """While installed, a call with another registry, shutdown_delay, deadline, grace_period, delay_on_sigint or signals
+    is a ValueError naming it."""
     registry = Registry()
     arguments: dict[str, Any] = {"registry": registry, "signals": [signal.SIGUSR1]}
     with poolkeeper.install_signal_handlers(**arguments) as installed:
