@@ -231,8 +231,7 @@ def test_installing_twice_returns_the_same_handlers_and_one_signal_is_still_one(
 )
 @pytest.mark.usefixtures("sigusr1_handler")
 def test_installing_again_with_other_arguments_is_refused_naming_them(other, named):
-    """While installed, a call with another registry, shutdown_delay, deadline, grace_period, delay_on_sigint or signals
-    is a ValueError naming it."""
+    """While installed, a call with any other argument (registry, delay, deadline, signals...) is a ValueError."""
     registry = Registry()
     arguments: dict[str, Any] = {"registry": registry, "signals": [signal.SIGUSR1]}
     with poolkeeper.install_signal_handlers(**arguments) as installed:
