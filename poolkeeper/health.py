@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from poolkeeper._health import HealthCheck
 from poolkeeper._signals import check_registry
 
 if TYPE_CHECKING:
@@ -34,17 +35,12 @@ __all__ = ["HealthMiddleware", "liveness", "readiness"]
 def readiness(registry: Registry | None = None) -> tuple[int, dict[str, Any]]:
     """``(status, body)``: 200 ``{"status": "ready"}`` while open, 503 ``"draining"`` once shutdown was requested.
 
+    The same answer as FastAPI's ``/readyz`` without pings (:class:`poolkeeper._health.HealthCheck`).
+
     Raises:
         TypeError: ``registry`` is not a :class:`poolkeeper.Registry`.
     """
-    chosen = check_registry(registry)
-    keepers = {
-        keeper.name: {"kind": keeper.kind, "state": keeper.state.value, "borrowed": keeper.borrowed}
-        for keeper in chosen.keepers
-    }
-    if chosen.draining:
-        return 503, {"status": "draining", "keepers": keepers}
-    return 200, {"status": "ready", "keepers": keepers}
+    return HealthCheck(check_registry(registry)).state()
 
 
 def liveness(registry: Registry | None = None) -> tuple[int, dict[str, Any]]:
@@ -53,7 +49,7 @@ def liveness(registry: Registry | None = None) -> tuple[int, dict[str, Any]]:
     Raises:
         TypeError: ``registry`` is not a :class:`poolkeeper.Registry`.
     """
-    return 200, {"status": "alive", "draining": check_registry(registry).draining}
+    return HealthCheck.liveness(check_registry(registry))
 
 
 _REASONS = {200: "200 OK", 503: "503 Service Unavailable"}

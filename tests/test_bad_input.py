@@ -135,9 +135,10 @@ def test_names_with_newlines_or_control_characters_are_refused(how, bad):
 def test_names_with_spaces_and_non_ascii_letters_are_accepted():
     """Spaces and non-ASCII letters are printable: such names are kept as given."""
     registry = Registry()
-    registry.wrap(sqlite_engine(), name="main db é")
+    engine = registry.wrap(sqlite_engine(), name="main db é")  # kept: a dropped object is unmanaged
     registry.on_shutdown(lambda: None, name="flush métriques")
     assert [item.name for item in registry.close()] == ["main db é", "flush métriques"]
+    assert engine is registry["main db é"].resource
 
 
 @pytest.mark.parametrize("bad", [5, b"db", ["db"], object()])
@@ -179,7 +180,7 @@ def test_a_cycle_through_keepers_and_hooks_is_refused_by_the_registration_that_c
     """The keeper that would close db -> flush -> cache -> db is refused, the cycle named, the engine unguarded."""
     registry = Registry()
     registry.on_shutdown(lambda: None, name="flush", depends_on=["cache"])
-    registry.wrap(sqlite_engine(), name="cache", depends_on=["db"])
+    cache = registry.wrap(sqlite_engine(), name="cache", depends_on=["db"])  # kept: a dropped one leaves the cycle
     engine = sqlite_engine()
     with pytest.raises(RegistrationError, match=r"^dependency cycle: db -> flush -> cache -> db$"):
         registry.wrap(engine, name="db", depends_on=["flush"])
@@ -187,7 +188,9 @@ def test_a_cycle_through_keepers_and_hooks_is_refused_by_the_registration_that_c
     assert not is_guarded(engine)
     with pytest.raises(RegistrationError, match=r"'db' cannot depend on itself"):
         registry.wrap(engine, name="db", depends_on=["db"])
+    assert "cache" in registry
     registry.close()
+    assert cache is not None
 
 
 def test_unknown_dependencies_are_named_by_check_and_ignored_by_close():

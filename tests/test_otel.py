@@ -210,7 +210,7 @@ async def test_asyncpg_idle_and_used_connections(pg_url, application_name):
 async def test_http_keepers_get_lifecycle_instruments_but_no_database_count():
     """An aiohttp keeper is not a database: no db.client.connection.count, its state and counters all the same."""
     registry = Registry()
-    registry.wrap(aiohttp.ClientSession(), name="upstream")
+    session = registry.wrap(aiohttp.ClientSession(), name="upstream")  # kept: a dropped one is unmanaged
     provider, reader = provider_reading(registry)
     try:
         reading = Reading(reader)
@@ -222,6 +222,7 @@ async def test_http_keepers_get_lifecycle_instruments_but_no_database_count():
     finally:
         await registry.aclose()
         provider.shutdown()
+    assert session.closed
 
 
 def test_a_bad_registry_is_refused():

@@ -142,11 +142,12 @@ def test_a_keeper_that_cannot_ping_reports_not_checked_never_ok():
     registry = Registry()
 
     async def check() -> tuple[int, dict[str, object]]:
-        registry.wrap(aiohttp.ClientSession(), name="upstream")
+        session = registry.wrap(aiohttp.ClientSession(), name="upstream")  # kept: a dropped one is unmanaged
         try:
             return await HealthCheck(registry, ping=True).readiness()
         finally:
             await registry.aclose()
+            assert session.closed
 
     status, body = asyncio.run(check())
     assert (status, body["keepers"]["upstream"]["ping"]) == (200, "not checked")  # type: ignore[index]
