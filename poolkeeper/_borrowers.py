@@ -270,8 +270,8 @@ class Borrower:
         held_seconds: how long the connection had been out when this view was taken.
         thread: name of the borrowing thread (tracked keepers only).
         task: name of the borrowing asyncio task, if any (tracked keepers only).
-        stack: the borrow-site stack without library frames, innermost last, or ``None``
-            when borrower tracking is off.
+        stack: the borrow-site stack without library frames, innermost last (the borrowing
+            line and at most 3 callers), or ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
     """
