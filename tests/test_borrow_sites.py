@@ -73,7 +73,7 @@ def test_a_borrow_made_200_frames_deep_keeps_its_line_and_only_a_few_callers():
 
 
 def test_a_tracked_borrow_made_deep_in_the_stack_costs_under_half_a_kibibyte(tmp_path):
-    """poolkeeper keeps under 512 bytes per tracked borrow held, whatever the depth it was made at."""
+    """A tracked borrow held costs poolkeeper under 512 bytes, whatever the depth it was made at."""
     borrows = 300
     engine = sa.create_engine(
         f"sqlite:///{tmp_path / 'borrows.sqlite'}", poolclass=sa.QueuePool, pool_size=borrows, max_overflow=0
@@ -91,7 +91,9 @@ def test_a_tracked_borrow_made_deep_in_the_stack_costs_under_half_a_kibibyte(tmp
     finally:
         tracemalloc.stop()
     own = sum(
-        stat.size_diff for stat in after.compare_to(before, "filename") if stat.traceback[0].filename.startswith(package)
+        stat.size_diff
+        for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename.startswith(package)
     )
     assert 0 < own / borrows < 512  # about 150 B: the entry, its slot, 4 code objects and offsets
     for connection in held:
