@@ -99,7 +99,7 @@ def _overhead(results: Sequence[Result]) -> list[str]:
         "each checkout walks past the library's frames to the line that borrowed and keeps the code object",
         "and instruction offset of that frame and of at most 3 callers above it (found among at most 12",
         "frames), so a deep stack costs what a shallow one does; file names and lines are worked out only",
-        "when a borrow is shown. Looking at a frame costs CPython a frame object (the walk is about 1-2",
+        "when a borrow is shown. Looking at a frame costs CPython a frame object (the walk is about 2",
         "thousand instructions a frame), so the cost is the library's depth plus 4 frames. Other rows",
         "without a goal show what borrower tracking or the bare pool checkout (no I/O at all) costs.",
         "",

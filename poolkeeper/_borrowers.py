@@ -1,12 +1,13 @@
 """Who holds a connection: the borrow record kept per checkout and its public view.
 
 With tracking off a borrow costs one small tuple and a clock read; with tracking on it also
-records the borrow-site stack (HikariCP's leak detection does the same), cheaply enough to leave
-on in production: the checkout only walks the frames and keeps each user frame's code object and
-instruction offset. Whether a code object is plumbing is decided once per code object, and file
-names, line numbers and thread and task names are worked out only when a borrow is looked at (a
-leak warning, a report, ``Keeper.borrowers()``), which is rare. Nothing is sampled: every
-tracked borrow knows its exact borrow site.
+records where it was borrowed (HikariCP's leak detection does the same), cheaply enough to leave
+on in production: the checkout walks past the library's frames to the borrowing line and keeps
+the code object and instruction offset of that frame and of at most ``_CALLERS`` user frames
+above it, in one flat tuple; a deep stack costs no more than a shallow one. Whether a file is
+plumbing is decided once per file, and file names, line numbers and thread and task names are
+worked out only when a borrow is looked at (a leak warning, a report, ``Keeper.borrowers()``),
+which is rare. Nothing is sampled: every tracked borrow knows its exact borrow site.
 """
 
 from __future__ import annotations
