@@ -1,12 +1,13 @@
 """Who holds a connection: the borrow record kept per checkout and its public view.
 
 With tracking off a borrow costs one small tuple and a clock read; with tracking on it also
-records the borrow-site stack (HikariCP's leak detection does the same), cheaply enough to leave
-on in production: the checkout only walks the frames and keeps each user frame's code object and
-instruction offset. Whether a code object is plumbing is decided once per code object, and file
-names, line numbers and thread and task names are worked out only when a borrow is looked at (a
-leak warning, a report, ``Keeper.borrowers()``), which is rare. Nothing is sampled: every
-tracked borrow knows its exact borrow site.
+records where it was borrowed (HikariCP's leak detection does the same), cheaply enough to leave
+on in production: the checkout walks past the library's frames to the borrowing line and keeps
+the code object and instruction offset of that frame and of at most ``_CALLERS`` user frames
+above it, in one flat tuple; a deep stack costs no more than a shallow one. Whether a file is
+plumbing is decided once per file, and file names, line numbers and thread and task names are
+worked out only when a borrow is looked at (a leak warning, a report, ``Keeper.borrowers()``),
+which is rare. Nothing is sampled: every tracked borrow knows its exact borrow site.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ _PLUMBING_MODULES = (
     "pluggy.",
     "pytest_asyncio.",
 )
-_MAX_FRAMES = 40
 _PYTEST_MAIN = (f"{os.sep}pytest{os.sep}__main__.py", f"{os.sep}_pytest{os.sep}__main__.py")
 
 
@@ -67,6 +67,23 @@ class Frame:
 _plumbing_files: dict[str, bool] = {}
 _MAX_FILES = 20_000
 
+# How much of the stack a tracked checkout records: the borrow site (the innermost frame outside
+# the libraries, however many library frames lie below it) and at most _CALLERS user frames above
+# it, looked for among at most _LOOKS frames above it. A checkout made 200 frames deep (a
+# recursion, a deep ASGI or pytest stack) costs no more than a shallow one, and a tracked borrow
+# keeps at most 1 + _CALLERS code objects and offsets.
+_CALLERS = 3
+_LOOKS = 12
+
+# Bound once: each is read on every tracked checkout.
+_getframe = sys._getframe  # noqa: SLF001 -- the cheap way to walk the stack at checkout
+_monotonic = time.monotonic
+_get_ident = threading.get_ident
+# current_thread() without its Python frame; threading resets this dict in place after a fork.
+_threads: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]  # noqa: SLF001 -- private, but there since Python 2
+_running_loop = asyncio._get_running_loop  # noqa: SLF001 -- None without raising: current_task() raises then
+_current_task = asyncio.current_task
+
 
 def _is_plumbing(frame: Any) -> bool:
     module = frame.f_globals.get("__name__", "")
@@ -76,44 +93,82 @@ def _is_plumbing(frame: Any) -> bool:
     return module == "__main__" and bool(frame.f_code.co_filename.endswith(_PYTEST_MAIN))
 
 
-def _capture(skip: int) -> list[Any]:
-    """The user frames of the caller's stack, innermost first, as ``[code, offset, code, offset...]``.
-
-    This runs on every tracked checkout, so it does the least it can: per frame, one dict read
-    (is this file plumbing?) and, for user frames, two appends. Lines come later (:func:`_frames`).
-    """
-    raw: list[Any] = []
-    frame: Any = sys._getframe(skip)  # noqa: SLF001 -- the cheap way to walk the stack at checkout
+def _learn(frame: Any) -> bool:
+    """Whether ``frame``'s file is plumbing, remembered for the next frames of that file."""
     files = _plumbing_files
-    kept = 0
-    # SQLAlchemy's asyncio layer checks out inside a greenlet whose stack ends in the library;
-    # the caller's frames (the task's) go on in the parent greenlet. Looked at only when greenlet
-    # is already imported, so nothing is imported here.
-    current: Any = None
+    if len(files) >= _MAX_FILES:
+        files.clear()
+    plumbing = files[frame.f_code.co_filename] = _is_plumbing(frame)
+    return plumbing
+
+
+def _resume(current: Any) -> tuple[Any, Any]:
+    """Where the stack goes on once a greenlet's frames end: (that greenlet, its frame), or Nones.
+
+    SQLAlchemy's asyncio layer checks out inside a greenlet whose stack ends in the library; the
+    caller's frames (the task's) go on in the parent greenlet. Looked at only when greenlet is
+    already imported, so nothing is imported here.
+    """
+    if current is None:
+        greenlets = sys.modules.get("greenlet")
+        if greenlets is None:
+            return None, None
+        current = greenlets.getcurrent()
+    current = current.parent
+    if current is None:
+        return None, None
+    return current, current.gr_frame
+
+
+def _capture(frame: Any) -> tuple[Any, ...]:  # noqa: C901 -- both walks inline: a call per checkout costs more
+    """The borrow site from ``frame`` up and its callers, as a flat ``(code, offset, code, offset...)``.
+
+    Innermost first; empty when every frame is library code. This runs on every tracked
+    checkout, so it does the least it can: per frame, one dict read (is this file plumbing?);
+    per user frame kept, its code object and instruction offset. Lines come later
+    (:func:`_frames`). The loops lean on exceptions for the rare cases (a file seen for the
+    first time, the end of a greenlet's stack), which cost nothing when nothing is raised.
+    """
+    files = _plumbing_files
+    greenlet: Any = None
+    # The borrow site: the first frame outside the libraries, however deep they go.
     while True:
-        if frame is None:
-            if current is None:
-                greenlets = sys.modules.get("greenlet")
-                current = greenlets.getcurrent() if greenlets is not None else None
-            current = getattr(current, "parent", None)
-            if current is None:
+        try:
+            while files[frame.f_code.co_filename]:
+                frame = frame.f_back
+            break
+        except KeyError:
+            if not _learn(frame):
                 break
-            frame = current.gr_frame
-            continue
-        code = frame.f_code
-        plumbing = files.get(code.co_filename)
-        if plumbing is None:
-            if len(files) >= _MAX_FILES:
-                files.clear()
-            plumbing = files[code.co_filename] = _is_plumbing(frame)
-        if not plumbing:
-            raw.append(code)
-            raw.append(frame.f_lasti)
-            kept += 1
-            if kept == _MAX_FRAMES:
-                break
+            frame = frame.f_back
+        except AttributeError:  # frame is None: this greenlet's stack ended
+            greenlet, frame = _resume(greenlet)
+            if greenlet is None:
+                return ()
+    code = frame.f_code
+    site = [code, frame.f_lasti]
+    # Its callers, within the bounds.
+    callers = _CALLERS
+    looks = _LOOKS
+    while looks:
         frame = frame.f_back
-    return raw
+        while frame is None:
+            greenlet, frame = _resume(greenlet)
+            if greenlet is None:
+                return tuple(site)
+        code = frame.f_code
+        try:
+            plumbing = files[code.co_filename]
+        except KeyError:
+            plumbing = _learn(frame)
+        if not plumbing:
+            site.append(code)
+            site.append(frame.f_lasti)
+            callers -= 1
+            if not callers:
+                break
+        looks -= 1
+    return tuple(site)
 
 
 def _line_of(code: CodeType, offset: int) -> int:
@@ -124,7 +179,7 @@ def _line_of(code: CodeType, offset: int) -> int:
     return code.co_firstlineno
 
 
-def _frames(raw: list[Any]) -> tuple[Frame, ...]:
+def _frames(raw: tuple[Any, ...]) -> tuple[Frame, ...]:
     """``_capture``'s record as frames, outermost first, innermost last."""
     frames = [
         Frame(code.co_filename, _line_of(code, offset), code.co_name)
@@ -135,21 +190,16 @@ def _frames(raw: list[Any]) -> tuple[Frame, ...]:
 
 
 def capture_stack(skip: int = 2) -> tuple[Frame, ...]:
-    """The caller's stack without library frames, outermost first, innermost last."""
-    return _frames(_capture(skip + 1))
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    loop = asyncio._get_running_loop()  # noqa: SLF001 -- None without raising: current_task() raises then
-    return None if loop is None else asyncio.current_task(loop)
+    """The borrow site seen from the caller's stack and its callers, outermost first, innermost last."""
+    return _frames(_capture(_getframe(skip)))
 
 
 # What a keeper stores per borrowed connection: a plain tuple, the cheapest thing Python makes,
 # because one is made on every checkout. An untracked entry holds the start time
 # (time.monotonic()) and the holder: None, or a weakref to the object the user holds, dead once
 # the garbage collector collected it (how a return by the collector is told apart). A tracked
-# entry adds the raw borrow-site stack (see _capture), the thread and the task (names are read
-# when shown: reading them costs more than the rest of the entry).
+# entry adds the raw borrow site (see _capture), the thread and the task (names are read when
+# shown: reading them costs more than the rest of the entry).
 Entry = tuple[Any, ...]
 _UNTRACKED_LENGTH = 2
 
@@ -160,8 +210,19 @@ def untracked_entry(holder: Any) -> Entry:
 
 
 def tracked_entry(holder: Any) -> Entry:
-    """The entry of a tracked borrow: who borrowed, and where."""
-    return (time.monotonic(), holder, _capture(3), threading.current_thread(), _current_task())
+    """The entry of a tracked borrow: who borrowed, and where.
+
+    Called by :meth:`Keeper.lend`, itself called by an adapter's checkout hook: the walk starts
+    at whatever called the hook (frame 3 from here).
+    """
+    loop = _running_loop()
+    return (
+        _monotonic(),
+        holder,
+        _capture(_getframe(3)),
+        _threads.get(_get_ident()) or threading.current_thread(),
+        None if loop is None else _current_task(loop),
+    )
 
 
 def collected(entry: Entry) -> bool:
@@ -210,8 +271,8 @@ class Borrower:
         held_seconds: how long the connection had been out when this view was taken.
         thread: name of the borrowing thread (tracked keepers only).
         task: name of the borrowing asyncio task, if any (tracked keepers only).
-        stack: the borrow-site stack without library frames, innermost last, or ``None``
-            when borrower tracking is off.
+        stack: the borrow-site stack without library frames, innermost last (the borrowing
+            line and at most 3 callers), or ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
     """
