@@ -10,17 +10,14 @@ SQLAlchemy engine for N ms; ``/readyz`` and ``/livez`` come from
 from __future__ import annotations
 
 import os
-import time
 
 import django
-import sqlalchemy as sa
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
-import poolkeeper
-from integrations.sync_common import make_engine
+from integrations.sync_common import hold_connection, wrapped_engine
 from poolkeeper.health import HealthMiddleware
 
 settings.configure(
@@ -32,20 +29,12 @@ settings.configure(
 )
 django.setup()
 
-engine = poolkeeper.wrap(
-    make_engine(), name="db", drain_timeout=float(os.environ.get("POOLKEEPER_DRAIN_TIMEOUT", "10"))
-)
+engine = wrapped_engine()
 
 
 def work(request: HttpRequest) -> JsonResponse:
     """Hold a database connection for ``ms`` milliseconds."""
-    seconds = int(request.GET.get("ms", "50")) / 1000
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("select pg_sleep(:seconds)"), {"seconds": seconds})
-        else:
-            connection.execute(sa.text("select 1"))
-            time.sleep(seconds)
+    hold_connection(engine, int(request.GET.get("ms", "50")) / 1000)
     return JsonResponse({"pid": os.getpid()})
 
 

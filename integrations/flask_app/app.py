@@ -11,22 +11,17 @@ and each worker closes its pools and logs its report.
 from __future__ import annotations
 
 import os
-import time
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from flask import Flask, jsonify, request
 
-import poolkeeper
-from integrations.sync_common import make_engine
+from integrations.sync_common import hold_connection, wrapped_engine
 from poolkeeper.health import HealthMiddleware
 
 if TYPE_CHECKING:
     from flask.typing import ResponseReturnValue
 
-engine = poolkeeper.wrap(
-    make_engine(), name="db", drain_timeout=float(os.environ.get("POOLKEEPER_DRAIN_TIMEOUT", "10"))
-)
+engine = wrapped_engine()
 
 app = Flask(__name__)
 
@@ -34,13 +29,7 @@ app = Flask(__name__)
 @app.get("/work")
 def work() -> ResponseReturnValue:
     """Hold a database connection for ``ms`` milliseconds."""
-    seconds = int(request.args.get("ms", "50")) / 1000
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("select pg_sleep(:seconds)"), {"seconds": seconds})
-        else:
-            connection.execute(sa.text("select 1"))
-            time.sleep(seconds)
+    hold_connection(engine, int(request.args.get("ms", "50")) / 1000)
     return jsonify(pid=os.getpid())
 
 
