@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -26,6 +28,16 @@ def wake_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> 
         loop.call_soon_threadsafe(_resolve, future)
 
 
+def _settle(future_ref: weakref.ref[asyncio.Future[Any]], result: Any, error: BaseException | None) -> None:
+    future = future_ref()
+    if future is None or future.done():  # abandoned (cancelled or dropped) while the call ran
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 def run_blocking(function: Callable[[], T], *, name: str = "poolkeeper-blocking") -> asyncio.Future[T]:
     """Run ``function`` in a new daemon thread; the returned future is bound to the running loop.
 
@@ -34,14 +46,11 @@ def run_blocking(function: Callable[[], T], *, name: str = "poolkeeper-blocking"
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    # The thread sees the future only weakly. A failure's traceback holds the thread's frames, and
+    # a frame that held the future would close a cycle (future -> error -> frame -> future) that
+    # keeps whatever the failed call still references (the socket of a timed-out cancel request)
+    # open until the garbage collector runs. Whoever awaits the future keeps it alive.
+    settle = functools.partial(_settle, weakref.ref(future))
 
     def target() -> None:
         try:

@@ -73,6 +73,19 @@ class Server:
         """Pids of this test's backends actively running a query that contains ``fragment``."""
         return [pid for pid, state, query in self.backends() if state == "active" and fragment in query]
 
+    def sleeping(self) -> list[int]:
+        """Pids of this test's backends inside ``pg_sleep()``, not merely parsing a query that calls it.
+
+        A Parse message already shows the query as ``active``, and a borrower whose statement is
+        only prepared has not yet sent it: terminated then, asyncpg fails it with an
+        ``AttributeError`` of its own instead of ``ConnectionDoesNotExistError``.
+        """
+        rows = self._connection.execute(
+            "select pid from pg_stat_activity where application_name = %s and wait_event = 'PgSleep'",
+            (self.application_name,),
+        ).fetchall()
+        return [int(pid) for (pid,) in rows]
+
     def settle(self, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
         """Re-check server state until ``predicate`` holds or ``timeout`` passes.
 

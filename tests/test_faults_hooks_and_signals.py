@@ -219,12 +219,13 @@ def storm(child: Child, count: int = 10, within: float = 0.1) -> float:
     return first
 
 
-def assert_one_forced_shutdown(output: str) -> None:
+def assert_one_forced_shutdown(output: str, *, borrower_seen: bool = True) -> None:
     assert output.count("poolkeeper shutdown NOT ok") == 1, output
     assert output.count("'db': open -> draining") == 1
     assert output.count("'db': draining -> forcing") == 1
     assert output.count("'db': forcing -> closed") == 1
-    assert "main: the borrower got OperationalError" in output
+    if borrower_seen:
+        assert "main: the borrower got OperationalError" in output
 
 
 def test_a_storm_of_sigterms_with_a_server_handler_runs_one_forced_shutdown(spawn, server: Server):
@@ -251,6 +252,9 @@ def test_a_storm_of_sigterms_without_a_handler_closes_once_and_dies_of_sigterm(s
     first = storm(child)
     assert child.wait(10) == -signal.SIGTERM
     assert time.monotonic() - first < 3.0
-    assert_one_forced_shutdown(child.output)
+    # The process dies of the signal once the registry is closed; whether the borrower's thread
+    # got the GIL to log its error before that is a race the program cannot wait out (SIG_DFL).
+    # The chain test, whose program joins the borrower, checks the borrower's error.
+    assert_one_forced_shutdown(child.output, borrower_seen=False)
     assert "main: still alive" not in child.output
     assert server.settle(lambda: not server.backends())

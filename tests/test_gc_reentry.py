@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import redis
 
 from poolkeeper import Registry, ShutdownReport, _keeper
+from poolkeeper.adapters import redis as redis_adapter
 
 PROGRAM = Path(__file__).parent / "programs" / "gc_every_line_program.py"
 SPARES = 20
@@ -51,10 +53,34 @@ def test_a_collection_at_every_line_of_borrowers_and_close_never_deadlocks(tmp_p
         assert result["leaked"] - result["leaked_unseen"] == result["gc_leaks"]
 
 
-def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_deadlocked(redis_url: str) -> None:
-    """redis-py's Pipeline.__del__ returning its connection at any line of the keeper, lock held, never blocks."""
+_CONDITION_METHODS = frozenset(name for name, value in vars(threading.Condition).items() if callable(value))
+
+
+def _traced(frame: FrameType, pool_class: type[redis.ConnectionPool]) -> bool:
+    """Where a collection is forced: every line of the keeper, or of the blocking pool's refuse path.
+
+    For a ``BlockingConnectionPool``: the Redis adapter, ``queue``, and ``threading``'s
+    ``Condition`` methods, which ``_refuse_queue`` runs holding the queue's plain lock
+    (``notify_all()`` allocates). The keeper's lines are covered by the plain pool's run.
+    """
+    code = frame.f_code
+    if pool_class is not redis.BlockingConnectionPool:
+        return code.co_filename == _keeper.__file__
+    if code.co_filename in (redis_adapter.__file__, queue.__file__):
+        return True
+    return code.co_filename == threading.__file__ and code.co_name in _CONDITION_METHODS
+
+
+@pytest.mark.parametrize(
+    "pool_class", [redis.ConnectionPool, redis.BlockingConnectionPool], ids=lambda cls: cls.__name__
+)
+def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_deadlocked(
+    redis_url: str, pool_class: type[redis.ConnectionPool]
+) -> None:
+    """redis-py's Pipeline.__del__ giving its connection back at any line of the keeper or refuse path never blocks."""
     registry = Registry(drain_timeout=0)
-    client = registry.wrap(redis.Redis.from_url(redis_url, max_connections=400), name="cache", track_borrowers=True)
+    pool = pool_class.from_url(redis_url, max_connections=400)
+    client = registry.wrap(redis.Redis(connection_pool=pool), name="cache", track_borrowers=True)
     keeper = registry["cache"]
     spares = []
     for _ in range(SPARES_REDIS):  # borrowed before the close: a closing keeper lends nothing new
@@ -64,7 +90,7 @@ def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_dead
         spares.append(pipeline)
     held = client.pipeline()
     held.watch("poolkeeper-gc-test")  # type: ignore[no-untyped-call]  # never given back: force-closed
-    visited = [0]
+    visited = [0, 0]  # lines visited; lines of _refuse_queue visited with a spare left to collect
 
     def leak_and_collect() -> None:
         visited[0] += 1
@@ -81,9 +107,10 @@ def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_dead
         gc.collect(0)
 
     def trace(frame: FrameType, event: str, _arg: Any) -> Any:
-        if frame.f_code.co_filename != _keeper.__file__:
+        if not _traced(frame, pool_class):
             return None
         if event == "line":
+            visited[1] += frame.f_code.co_name == "_refuse_queue" and bool(spares)
             leak_and_collect()
         return trace
 
@@ -104,6 +131,8 @@ def test_a_redis_pipeline_collected_inside_the_keepers_lock_is_returned_not_dead
     report = outcome[1]
     assert isinstance(report, ShutdownReport)
     assert visited[0] > 20
+    # Blocking pool: every line of _refuse_queue had a connection to collect, its queue's lock held.
+    assert visited[1] >= (5 if pool_class is redis.BlockingConnectionPool else 0)
     assert report["cache"].forced >= 1
     assert keeper.state.value == "closed"
     # Each of the 201 borrows out when closing began came back (collected) or was force-closed:

@@ -295,9 +295,12 @@ def test_a_connection_garbage_collected_during_the_drain_ends_it(make_engine):
     closer, result = close_in_thread(registry)
     until(lambda: registry["db"].state is KeeperState.DRAINING)
 
-    started = time.monotonic()
     holder.clear()
     gc.collect()
+    # From here: the connection is back. A full collection itself takes as long as the process's
+    # heap is large (0.1-0.4 s in a whole-suite run on a loaded machine), and holds the GIL
+    # meanwhile; that is the collector's time, not the closer's.
+    started = time.monotonic()
     closer.join(10)
 
     assert time.monotonic() - started < 0.5

@@ -24,7 +24,9 @@ so no ``Retry`` retries it and the retry loop ends at its next attempt instead o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -144,8 +146,13 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     # may overtake; a checkout landing after forcing began is cut (issue 13, item 1).
     keeper.start_checkout()
     library: Any = super(type(pool), pool)
+    window: _QueueLockWindow | None = getattr(pool, "_pk_queue_window", None)
     try:
-        connection = library.get_connection(*args, **options)
+        if window is None:
+            connection = library.get_connection(*args, **options)
+        else:
+            with window:  # the queue's get holds its plain lock: see _QueueLockWindow
+                connection = library.get_connection(*args, **options)
     except BaseException:
         keeper.end_checkout()
         raise
@@ -159,6 +166,19 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
 
 
 def _release(pool: Any, connection: Any) -> None:
+    window: _QueueLockWindow | None = getattr(pool, "_pk_queue_window", None)
+    if window is None:
+        _release_now(pool, connection)
+    elif window.entered_here:
+        # A finaliser (Pipeline.__del__, PubSub.__del__) run by a collection while this thread
+        # may hold the blocking pool's queue lock: the put would block on it for ever.
+        window.defer(functools.partial(_release, pool, connection))
+    else:
+        with window:
+            _release_now(pool, connection)
+
+
+def _release_now(pool: Any, connection: Any) -> None:
     # Back in the pool first: the return may wake the closer, which then closes idle connections.
     try:
         super(type(pool), pool).release(connection)
@@ -245,12 +265,62 @@ def _refusing_queue_class(cls: type[Any]) -> type[Any]:
         return _refusing_queue_classes[cls]
 
 
-def _refuse_queue(q: queue.Queue[Any], keeper: Keeper) -> None:
-    """Make ``q`` refuse every ``get`` from now on and wake the threads blocked in it."""
-    with q.not_empty:  # the queue's mutex
+class _QueueLockWindow:
+    """The window in which this thread may hold a ``BlockingConnectionPool`` queue's plain lock.
+
+    ``queue.Queue`` allocates while holding its lock (``Condition.notify`` builds a deque), so a
+    collection may run there, and a finaliser that gives a connection back (``Pipeline.__del__``,
+    ``PubSub.__del__``) would block for ever on the lock its own thread holds. Inside the window
+    such a release is queued and runs when the thread leaves it, as the keeper's
+    ``GcSafeLock`` does for its own lock. Only a per-thread depth: no lock of its own, so a
+    thread may block in ``get()`` inside it.
+    """
+
+    __slots__ = ("_deferred", "_depth")
+
+    def __init__(self) -> None:
+        self._depth = _Depth()
+        self._deferred: collections.deque[Callable[[], object]] = collections.deque()
+
+    def __enter__(self) -> None:
+        self._depth.value += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth.value -= 1
+        if self._deferred and not self._depth.value:
+            while True:
+                try:
+                    call = self._deferred.popleft()
+                except IndexError:  # empty, or another thread took the last one
+                    return
+                try:
+                    call()
+                except Exception:  # like an exception in a finaliser: logged, the rest still run
+                    logger.exception("poolkeeper: a connection return deferred from a finaliser failed")
+
+    @property
+    def entered_here(self) -> bool:
+        """True while this thread is inside the window."""
+        return self._depth.value > 0
+
+    def defer(self, call: Callable[[], object]) -> None:
+        """Run ``call`` once this thread has left the window."""
+        self._deferred.append(call)
+
+
+class _Depth(threading.local):
+    value = 0  # every thread's starting value
+
+
+def _refuse_queue(pool: BlockingConnectionPool, keeper: Keeper) -> None:
+    """Make the pool's queue refuse every ``get`` from now on and wake the threads blocked in it."""
+    q: queue.Queue[Any] = pool.pool
+    refusing_class = _refusing_queue_class(type(q))  # made before the queue's lock is taken
+    window: _QueueLockWindow = pool._pk_queue_window  # type: ignore[attr-defined]  # noqa: SLF001 -- set by attach
+    with window, q.not_empty:  # the queue's mutex, inside the window
         q._pk_keeper = keeper  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _refusing_get
         q.maxsize = 0  # "looks non-empty" must not make release()'s put_nowait() raise Full
-        q.__class__ = _refusing_queue_class(type(q))
+        q.__class__ = refusing_class
         q.not_empty.notify_all()
 
 
@@ -492,6 +562,8 @@ class RedisDriver(Driver):
             self._warn_if_refusal_is_retried()
             pool._pk_keeper = keeper  # type: ignore[union-attr]  # noqa: SLF001 -- read by the guarded class
             pool._pk_driver = self  # type: ignore[union-attr]  # noqa: SLF001
+            if isinstance(pool, BlockingConnectionPool):
+                pool._pk_queue_window = _QueueLockWindow()  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _release
             self._original_class = type(pool)
             pool.__class__ = _guarded_class(type(pool))
             # Connections already out (a pubsub, the pinned connection of a single-connection
@@ -510,7 +582,7 @@ class RedisDriver(Driver):
         if self._original_class is not None:
             self.pool.__class__ = self._original_class
             self._original_class = None
-        for attribute in ("_pk_keeper", "_pk_driver"):
+        for attribute in ("_pk_keeper", "_pk_driver", "_pk_queue_window"):
             self.pool.__dict__.pop(attribute, None)
 
     def _warn_if_refusal_is_retried(self) -> None:
@@ -531,7 +603,7 @@ class RedisDriver(Driver):
         """Wake the threads or tasks queued in a ``BlockingConnectionPool`` (other pools queue nobody)."""
         pool = self.pool
         if isinstance(pool, BlockingConnectionPool):
-            _refuse_queue(pool.pool, self.keeper)
+            _refuse_queue(pool, self.keeper)
         elif isinstance(pool, AsyncBlockingConnectionPool):
             loop = self.loop
             if loop is not None and not loop.is_closed():  # None: never used, nobody waits

@@ -11,7 +11,6 @@ chain    a Python-level SIGTERM handler (a server's) is in place, poolkeeper's d
 default  SIGTERM is SIG_DFL: poolkeeper closes the registry itself, then the signal ends the process.
 """
 
-# ruff: noqa: T201 -- a test program talks to its test through stdout
 from __future__ import annotations
 
 import logging
@@ -25,6 +24,10 @@ import poolkeeper
 
 mode, url, application_name = sys.argv[1:4]
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+# What the program says goes through logging's one handler, like poolkeeper's own lines: each
+# line is written whole under the handler's lock. A print() writes its text and its newline
+# apart, and a log line from a signal-handling thread could land between the two.
+say = logging.getLogger("program").info
 registry = poolkeeper.Registry(drain_timeout=30)
 engine = registry.wrap(
     sa.create_engine(
@@ -50,7 +53,7 @@ def borrow_and_sleep() -> None:
             borrowed.set()
             connection.execute(sa.text("select pg_sleep(60)"))
     except Exception as error:  # the force-close error is what the test looks for
-        print(f"main: the borrower got {type(error).__name__}", flush=True)
+        say("main: the borrower got %s", type(error).__name__)
 
 
 if mode == "chain":
@@ -65,13 +68,13 @@ else:
 borrower = threading.Thread(target=borrow_and_sleep, daemon=True)
 borrower.start()
 borrowed.wait(10)
-print("main: ready", flush=True)
+say("main: ready")
 if mode == "chain":
     server_stopping.wait(60)
     report = registry.close()  # what the server's lifespan does once it stops
     borrower.join(10)
-    print(f"main: outcome {report['db'].outcome}; server handler calls {handler_calls}", flush=True)
+    say("main: outcome %s; server handler calls %d", report["db"].outcome, handler_calls)
     sys.stdin.readline()
 else:
     threading.Event().wait(60)
-    print("main: still alive", flush=True)
+    say("main: still alive")
