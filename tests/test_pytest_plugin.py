@@ -918,6 +918,41 @@ def test_xdist_workers_given_a_named_redis_database_never_share_it(pytester, mon
     result.stdout.fnmatch_lines(["*pytest-xdist worker gw6 would use 16, past 15*"])
 
 
+XDIST_SERVICES = """
+import os
+from pathlib import Path
+
+import pytest
+import redis
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_redis(poolkeeper_redis_url, n):
+    client = redis.Redis.from_url(poolkeeper_redis_url)
+    assert client.ping()
+    client.close()
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    with (Path(os.environ["PK_XDIST_OUT"]) / f"{worker}-{n}").open("w") as out:
+        out.write(poolkeeper_redis_url)
+"""
+
+
+def test_two_real_xdist_workers_given_a_named_redis_database_get_one_each(pytester, monkeypatch, tmp_path):
+    """Under a real `pytest -n 2` with POOLKEEPER_REDIS_URL naming a database, each worker gets its own database."""
+    base = os.environ["POOLKEEPER_REDIS_URL"].rsplit("/", 1)[0]
+    pytester.makeini(INI)
+    pytester.makepyfile(test_services=XDIST_SERVICES)
+    monkeypatch.setenv("POOLKEEPER_REDIS_URL", f"{base}/10")
+    monkeypatch.setenv("PK_XDIST_OUT", str(tmp_path))
+    result = run(pytester, "-n", "2")  # pytest-xdist is a dev dependency
+    result.assert_outcomes(passed=4)
+    used: dict[str, set[str]] = {}
+    for record in tmp_path.iterdir():
+        used.setdefault(record.name.split("-")[0], set()).add(record.read_text())
+    assert sorted(used) == ["gw0", "gw1"]
+    assert used == {"gw0": {f"{base}/10"}, "gw1": {f"{base}/11"}}
+
+
 def test_a_redis_url_that_does_not_answer_fails(no_services, monkeypatch):
     """A Redis named in the environment but down is a failure, not a skip."""
     monkeypatch.setenv("POOLKEEPER_REDIS_URL", "redis://:s3cret-token@127.0.0.1:1/5")
