@@ -105,7 +105,9 @@ def post_worker_init(worker: Any) -> None:
         stop_serving(signum, frame)
 
     signal.signal(signal.SIGTERM, timed_stop_serving)
-    _handlers = install_signal_handlers(_registry(), signals=(signal.SIGTERM,), delay=_settings["shutdown_delay"])
+    _handlers = install_signal_handlers(
+        _registry(), signals=(signal.SIGTERM,), shutdown_delay=_settings["shutdown_delay"]
+    )
 
 
 def _exit_worker(signum: int, frame: Any) -> None:  # noqa: ARG001 -- a signal handler's signature

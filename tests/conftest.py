@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,13 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 # server named here, the plugin fails (never skips) the tests that need it when it is down.
 os.environ.setdefault("POOLKEEPER_POSTGRES_URL", DEFAULT_POSTGRES_URL)
 os.environ.setdefault("POOLKEEPER_REDIS_URL", DEFAULT_REDIS_URL)
+
+# A job started in the background by a non-interactive shell, or by some CI runners, inherits
+# SIGINT ignored, and so would every program the signal tests start (an ignored signal stays
+# ignored across exec; poolkeeper rightly leaves it alone). A Python handler here becomes the
+# default action in those children, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def postgres_url() -> str:
