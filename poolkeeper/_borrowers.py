@@ -232,7 +232,15 @@ def collected(entry: Entry) -> bool:
 
 
 class Borrow:
-    """One borrowed connection and its entry, made only off the hot path (views, force-close)."""
+    """One borrowed connection, as a driver's :meth:`~poolkeeper.adapters.Driver.force_close` is given it.
+
+    Attributes:
+        connection: what the adapter passed to :meth:`Keeper.lend <poolkeeper.Keeper.lend>`
+            (its unit of checkout: a connection object, a request record...).
+        entry: the keeper's record of the borrow; internal.
+
+    Made only off the hot path (views, force-close).
+    """
 
     __slots__ = ("connection", "entry")
 

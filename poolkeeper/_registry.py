@@ -20,7 +20,7 @@ from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._leak_watch import forget_inherited as forget_inherited_leak_watch
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, check_name, check_timeout
-from poolkeeper.adapters import driver_for
+from poolkeeper.adapters import driver_for, prepare_adapter
 from poolkeeper.errors import RegistrationError
 
 if TYPE_CHECKING:
@@ -270,6 +270,7 @@ class Registry:
         if track_borrowers is not None and not isinstance(track_borrowers, bool):
             raise TypeError(f"track_borrowers must be True, False or None, got {track_borrowers!r}")
 
+        prepare_adapter(resource)  # a third-party adapter's entry point is imported outside the locks
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
             self._purge()
