@@ -46,6 +46,8 @@ class SocketPoolDriver(Driver):
     kind = "socketpool"
     refusal_class = SocketPoolClosedError
     can_ping = True
+    # A borrow site is the caller's line, not one inside the pool (or this adapter).
+    library_modules = ("integrations.socketpool",)
 
     def __init__(self, pool: SocketPool) -> None:
         if not isinstance(pool, SocketPool):

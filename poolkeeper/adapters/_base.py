@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from poolkeeper._borrowers import add_library_modules
 from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper.errors import PoolClosedError, UnsupportedResourceError
 
@@ -55,6 +56,10 @@ class Driver(abc.ABC):
     #: error for use after close, so that the application's existing ``except`` clauses catch it.
     #: Its constructor takes ``(keeper_name, state)``, as :class:`PoolClosedError`'s does.
     refusal_class: ClassVar[type[PoolClosedError]] = PoolClosedError
+    #: Names of the wrapped library's modules (``("mypool",)``, submodules included): their frames
+    #: are never reported as a borrow site, which is the first frame outside them. The built-in
+    #: adapters' libraries are known already.
+    library_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, resource: Any) -> None:
         #: The object ``wrap()`` was given; ``wrap()`` returns it.
@@ -104,6 +109,8 @@ class Driver(abc.ABC):
                 have undone itself: ``wrap()`` raises it and nothing stays registered or guarded.
         """
         self._keeper = keeper
+        if self.library_modules:
+            add_library_modules(self.library_modules)
 
     def detach(self) -> None:  # noqa: B027 -- adapters with guards override it
         """Remove the guards :meth:`attach` installed: registration failed halfway, or ``unwrap()``.
