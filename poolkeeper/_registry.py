@@ -254,7 +254,8 @@ class Registry:
             now managed. Wrapping an object a second time returns it without registering again.
 
         Raises:
-            UnsupportedResourceError: ``resource`` is of no supported type.
+            UnsupportedResourceError: ``resource`` is of no supported type (built in, or given
+                an adapter by :func:`poolkeeper.register_adapter` or an entry point).
             RegistrationError: duplicate name, dependency cycle, registry closed, or the
                 resource is managed by another registry.
             ValueError: a timeout is negative, NaN or infinite.

@@ -166,11 +166,12 @@ class AdapterTable:
             if builtin is not None:
                 module = importlib.import_module(builtin[0])
                 return module.make_driver(resource)  # type: ignore[no-any-return]  # each adapter returns a Driver
-        loaded = self._from_entry_points(names)
+        entries = _entry_points()  # read once: it scans every directory of sys.path
+        loaded = self._from_entry_points(names, entries)
         if loaded is not None:
             return _made(loaded[1], loaded[0], resource)
         raise UnsupportedResourceError(
-            f"poolkeeper cannot wrap {with_article(names[0])}; it can wrap: {', '.join(self.supported())}"
+            f"poolkeeper cannot wrap {with_article(names[0])}; it can wrap: {', '.join(self.supported(entries))}"
         )
 
     def prepare(self, resource: Any) -> None:
@@ -183,35 +184,35 @@ class AdapterTable:
         if any(name in self._registered or name in self._builtins for name in names):
             return
         try:
-            self._from_entry_points(names)
+            self._from_entry_points(names, _entry_points())
         except (UnsupportedResourceError, RegistrationError):
             return  # driver_for() raises it again, where wrap() reports it
 
-    def supported(self) -> tuple[str, ...]:
-        """Labels of everything ``wrap()`` accepts now: built-ins, registered, and declared by entry points."""
+    def supported(self, entries: Iterable[EntryPoint]) -> tuple[str, ...]:
+        """Labels of everything ``wrap()`` accepts now: built-ins, registered, and declared by ``entries``."""
         labels = [label for _, label in self._builtins.values()]
         labels += [adapter.label for adapter in self._registered.values()]
-        labels += [f"{entry.name} (entry point)" for entry in _entry_points() if entry.name not in self._registered]
+        labels += [f"{entry.name} (entry point)" for entry in entries if entry.name not in self._registered]
         return tuple(dict.fromkeys(labels))
 
-    def _from_entry_points(self, names: Iterable[str]) -> tuple[str, _Registered] | None:
-        """The first of ``names`` an entry point declares an adapter for, loaded and registered."""
+    def _from_entry_points(self, names: Iterable[str], entries: Iterable[EntryPoint]) -> tuple[str, _Registered] | None:
+        """The first of ``names`` one of ``entries`` declares an adapter for, loaded and registered."""
         declared: dict[str, list[EntryPoint]] = {}
-        for entry in _entry_points():
+        for entry in entries:
             found = declared.setdefault(entry.name, [])
             if all(other.value != entry.value for other in found):  # one distribution seen twice on sys.path
                 found.append(entry)
         for name in names:
-            entries = declared.get(name)
-            if not entries:
+            claims = declared.get(name)
+            if not claims:
                 continue
-            if len(entries) > 1:
+            if len(claims) > 1:
                 raise RegistrationError(
                     f"several installed distributions declare a poolkeeper adapter for {name}: "
-                    f"{'; '.join(_origin(entry) for entry in entries)}; choose one with "
+                    f"{'; '.join(_origin(entry) for entry in claims)}; choose one with "
                     "poolkeeper.register_adapter(..., replace=True)"
                 )
-            entry = entries[0]
+            entry = claims[0]
             try:
                 factory = _check_factory(entry.load(), f"the adapter of {_origin(entry)}")
             except Exception as error:
