@@ -327,6 +327,8 @@ class Registry:
             RegistrationError: the registry or that keeper is closing: the shutdown owns it now.
             UnsupportedResourceError: the object is of no supported type.
         """
+        if not isinstance(resource_or_name, str):
+            prepare_adapter(resource_or_name)  # as in wrap(): no entry point imported under the locks
         with self._lock, _managed_lock:
             self._purge()
             if isinstance(resource_or_name, str):
