@@ -79,8 +79,9 @@ def lifespan(
             the server's own shutdown begins (none after SIGINT unless ``delay_on_sigint``).
         deadline: bounds closing the registry once the server has drained (default: the items'
             own timeouts); never the whole shutdown, which ``grace_period`` bounds.
-        grace_period: seconds from the first SIGTERM to SIGKILL (default:
-            ``$POOLKEEPER_GRACE_PERIOD``, else 30, Kubernetes' default).
+        grace_period: seconds from the first SIGTERM to SIGKILL (default, read at startup: the
+            worker's own under gunicorn's hooks, see :func:`poolkeeper.gunicorn.configure`;
+            else ``$POOLKEEPER_GRACE_PERIOD``, else 30, Kubernetes' default).
         delay_on_sigint: wait out ``shutdown_delay`` on Ctrl-C too.
 
     Returns:
@@ -93,7 +94,7 @@ def lifespan(
     chosen = _registry_or_default(registry)
     delay = check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
     close_deadline = check_timeout("deadline", deadline)
-    grace = grace_period_or_default(grace_period)
+    grace = grace_period_or_default(grace_period)  # a bad value or $POOLKEEPER_GRACE_PERIOD fails here, early
     if not isinstance(delay_on_sigint, bool):
         raise TypeError(f"delay_on_sigint must be True or False, got {delay_on_sigint!r}")
     if setup is not None and not callable(setup):
@@ -105,7 +106,11 @@ def lifespan(
         app_state = getattr(app, "state", None)
         if app_state is not None:
             app_state.poolkeeper_registry = chosen
-        handlers = _install_handlers(chosen, delay, grace, delay_on_sigint)
+        # Without an explicit grace_period, read it now: under gunicorn the worker's hooks have
+        # set the grace period it really has (poolkeeper.gunicorn) since the app was imported.
+        handlers = _install_handlers(
+            chosen, delay, grace if grace_period is not None else grace_period_or_default(None), delay_on_sigint
+        )
         try:
             state: dict[str, Any] = {"poolkeeper_registry": chosen}
             if setup is None:
