@@ -241,3 +241,25 @@ def test_installing_again_with_other_arguments_is_refused_naming_them(other, nam
     again = poolkeeper.install_signal_handlers(**{**arguments, **other})  # once uninstalled: allowed
     again.uninstall()
     assert again is not installed
+
+
+def test_the_grace_budget_is_planned_with_the_close_timeout_of_the_keepers_there_are_when_the_signal_arrives(
+    sigusr1_handler, make_engine
+):
+    """Handlers installed before the app wrapped its engine (as a lifespan does): the signal's plan uses its timeout.
+
+    At install the registry has no keeper (its own close_timeout 10 s: force point 20 - 10 - 2 = 8 s); the engine
+    wrapped afterwards with close_timeout 3 s moves the force point to 20 - 3 - 2 = 15 s once the signal arrives.
+    """
+    registry = Registry(close_timeout=10.0)
+    with poolkeeper.install_signal_handlers(registry, signals=[signal.SIGUSR1], grace_period=20.0) as handlers:
+        assert handlers.budget is not None
+        assert handlers.budget.plan.force_at == 8.0
+        registry.wrap(make_engine(), name="db", close_timeout=3.0)
+        signal.raise_signal(signal.SIGUSR1)
+        assert sigusr1_handler.wait(2)
+        remaining = handlers.budget.remaining()
+        assert (handlers.budget.plan.close_timeout, handlers.budget.plan.force_at) == (3.0, 15.0)
+    registry.close()
+    assert remaining is not None
+    assert 17.0 < remaining <= 18.0  # the exit point, G - margin, is 18 s after the signal
