@@ -199,9 +199,10 @@ def health_router(
     connection is borrowed: 503 from the instant draining starts (``start_draining``, the first
     SIGTERM, or closing), 200 otherwise. With ``ping=True`` it also pings each keeper's server
     (``SELECT 1``, ``PING``) over a side connection of its own, never a pool connection; the
-    result is cached for ``ping_interval`` seconds (concurrent probes share one ping in flight),
-    a failed or late ping (``ping_timeout``) makes it 503, and a keeper whose library has no
-    cheap ping (aiohttp) reports ``"not checked"``. Liveness (``live_path``) answers 200 while
+    result, a failure too, is cached for ``ping_interval`` seconds (concurrent probes share one
+    ping in flight, so probes cannot storm a database that is down) and shown with its age
+    (``ping_age``), a failed or late ping (``ping_timeout``) makes it 503, and a keeper whose
+    library has no cheap ping (aiohttp) reports ``"not checked"``. Liveness (``live_path``) answers 200 while
     the process lives. Bodies are JSON with each keeper's state, never a DSN or password.
 
     Args:
@@ -210,7 +211,8 @@ def health_router(
         live_path: path of the liveness endpoint.
         ping: also ping each keeper's server (opt-in; off by default since 0.x, see the changelog).
         ping_timeout: seconds a ping may take before readiness fails.
-        ping_interval: seconds a ping result is reused before a probe pings again.
+        ping_interval: seconds a ping result, failed or not, is reused before a probe pings
+            again: also how long a recovered database may still be reported down.
         report_path: opt-in path serving the shutdown report as JSON: ``registry.report.to_dict()``
             (redacted; with borrow-site stacks when tracked) once the registry has closed, and
             404 ``{"status": "open"}`` (or ``"draining"``) before.
