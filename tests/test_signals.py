@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -263,3 +266,25 @@ def test_the_grace_budget_is_planned_with_the_close_timeout_of_the_keepers_there
     registry.close()
     assert remaining is not None
     assert 17.0 < remaining <= 18.0  # the exit point, G - margin, is 18 s after the signal
+
+
+@pytest.mark.parametrize(("signalled", "expected"), [(True, "frozen at exit: True"), (False, "frozen at exit: False")])
+def test_after_a_signal_the_interpreter_skips_its_final_garbage_collections(signalled, expected):
+    """Once the grace budget runs, the heap is frozen at exit (gc.freeze): the teardown fits the margin; not before."""
+    code = textwrap.dedent(
+        f"""
+        import atexit, gc, signal, threading
+        import poolkeeper
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))  # runs last
+        passed_on = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: passed_on.set())
+        handlers = poolkeeper.install_signal_handlers(poolkeeper.Registry(), signals=[signal.SIGUSR1], grace_period=30)
+        if {signalled}:
+            signal.raise_signal(signal.SIGUSR1)
+            assert passed_on.wait(5)
+        handlers.uninstall()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
