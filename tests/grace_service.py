@@ -103,8 +103,10 @@ def grace_service(
         end = time.monotonic() + 30
         while True:
             assert process.poll() is None, "".join(service.output)
+            # Under gunicorn every worker must be serving: one still booting takes no connection.
+            started = sum("Application startup complete" in line for line in list(service.output))
             try:
-                if service.get("/readyz", timeout=1)[0] == 200:
+                if service.get("/readyz", timeout=1)[0] == 200 and (runner != "gunicorn" or started == 2):
                     break
             except OSError:
                 pass
