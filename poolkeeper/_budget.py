@@ -35,6 +35,7 @@ Only the standard library is imported.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import os
@@ -256,7 +257,11 @@ class Budget:
         self._force_exit()
 
     def _force(self) -> None:
-        held = [borrower for keeper in self.registry.keepers for borrower in keeper.borrowers()]
+        held = [
+            dataclasses.replace(borrower, forced_by="budget")
+            for keeper in self.registry.keepers
+            for borrower in keeper.borrowers()
+        ]
         logger.warning(
             "poolkeeper: grace budget: force point %.3gs after the first signal (grace period %.3gs - close_timeout "
             "%.3gs - margin %.3gs): force-closing %d borrowed connection%s: %s",

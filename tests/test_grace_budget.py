@@ -81,6 +81,7 @@ def test_stuck_requests_are_forced_at_the_force_point_and_the_process_exits_insi
     assert all(
         borrower["site"] and "grace_app.py" in borrower["site"] for borrower in forced["poolkeeper_budget_forced"]
     )
+    assert {borrower["forced_by"] for borrower in forced["poolkeeper_budget_forced"]} == {"budget"}
     report = service.record("poolkeeper_report")
     assert report is not None, "".join(service.output)
     leaks = [leak for item in report["poolkeeper_report"]["items"] for leak in item["leaks"]]
