@@ -145,7 +145,9 @@ def test_the_report_says_what_forced_a_borrowed_connection_closed(make_engine, c
             connection.close()
     assert report is not None
     item = report["db"]
-    assert (item.outcome, item.forced, item.forced_by) == ("forced", 1, cause)
+    # "forced", or "failed" when a loaded server did not confirm the cancel within a forced close's 0.1 s: either
+    # way the connection was force-closed, and the report says why.
+    assert (item.outcome in ("forced", "failed"), item.forced, item.forced_by) == (True, 1, cause)
     assert [leak.forced_by for leak in item.leaks] == [cause]
     assert item.leaks[0].site is not None
     assert "test_report.py" in item.leaks[0].site
