@@ -119,6 +119,50 @@ def test_concurrent_probes_share_one_ping_and_reuse_it_for_the_interval(make_eng
     assert {status for status, _ in results} == {200}
 
 
+def test_a_failed_ping_is_cached_for_the_interval_with_its_age_and_a_recovery_shows_after_it(make_engine):
+    """A failed ping is cached: 503 for ping_interval with one ping, its age shown; the next probe after recovers.
+
+    Probes cannot storm a database that is down; the first probe after the interval pings again.
+    """
+    registry = Registry()
+    registry.wrap(make_engine(), name="db")
+    driver = registry["db"].driver
+    calls = []
+    real_ping = driver.ping
+
+    async def down_once() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ConnectionRefusedError("connection refused")  # the database restarting
+        await real_ping()
+
+    driver.ping = down_once  # type: ignore[method-assign]  # a spy: the real ping from the second call on
+    check = HealthCheck(registry, ping=True, ping_interval=0.3)
+
+    async def probe_until_ready() -> list[tuple[int, dict[str, Any]]]:
+        answers = [await check.readiness()]
+        end = time.monotonic() + 5
+        while answers[-1][0] != 200 and time.monotonic() < end:
+            await asyncio.sleep(0.02)  # a prober's period
+            answers.append(await check.readiness())
+        return answers
+
+    answers = asyncio.run(probe_until_ready())
+    registry.close()
+    failed, recovered = answers[:-1], answers[-1]
+    assert len(calls) == 2  # one ping for all the failed answers, one for the recovery
+    assert len(failed) >= 5  # 0.3 s of probes every 20 ms (fewer only on a stalled machine)
+    assert {(status, body["keepers"]["db"]["ping"]) for status, body in failed} == {
+        (503, "failed: ConnectionRefusedError: connection refused")
+    }
+    ages = [body["keepers"]["db"]["ping_age"] for _, body in failed]
+    assert ages == sorted(ages)
+    assert ages[-1] < 0.3 + 0.1
+    assert calls[1] - calls[0] >= 0.3
+    assert (recovered[0], recovered[1]["keepers"]["db"]["ping"]) == (200, "ok")
+    assert recovered[1]["keepers"]["db"]["ping_age"] < 0.1
+
+
 def test_ping_timeout_is_configurable_and_a_late_ping_fails_readiness(make_engine):
     """A ping slower than ping_timeout makes readiness 503 'failed: no answer within ...'."""
     registry = Registry()
@@ -177,7 +221,7 @@ def test_an_asyncpg_ping_with_the_pool_exhausted_is_ok_and_refused_once_closed(p
         async with pool.acquire():
             _, body = await check.readiness()
         await registry.aclose()
-        closed = await HealthCheck(registry, ping=True)._cached_ping(registry["pg"])
+        closed, _ = await HealthCheck(registry, ping=True)._cached_ping(registry["pg"])
         return body["keepers"]["pg"]["ping"], closed
 
     busy, closed = asyncio.run(scenario())
