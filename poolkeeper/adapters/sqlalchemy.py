@@ -35,6 +35,7 @@ from poolkeeper.adapters._abort import (
     socket_fd,
 )
 from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
@@ -244,6 +245,9 @@ class SQLAlchemyDriver(Driver):
         # Held strongly: their ids stay unique, and a collected psycopg2 or asyncpg connection
         # would send its goodbye on the socket it shares with the parent.
         self._inherited: dict[int, Any] = {}
+        # MySQL and MariaDB stop a borrowed connection's statement with KILL QUERY (_mysql_cancel);
+        # every other dialect with PostgreSQL's cancel (_abort).
+        self.mysql_cancel = MySQLServerCancel(engine, is_async=self.is_async) if is_mysql(engine) else None
 
     @property
     def managed_object(self) -> Any:
@@ -293,6 +297,8 @@ class SQLAlchemyDriver(Driver):
         super().attach(keeper)
         try:
             self.guard(self.engine.pool)
+            if self.mysql_cancel is not None:
+                self.mysql_cancel.attach()
         except BaseException:
             self.detach()
             raise
@@ -310,6 +316,8 @@ class SQLAlchemyDriver(Driver):
                 vars(pool).pop(attribute, None)
         self._library_classes.clear()
         self.pools.clear()
+        if self.mysql_cancel is not None:
+            self.mysql_cancel.detach()
 
     def guard(self, pool: Pool) -> None:
         """Give ``pool`` (and its queue) their guarded classes."""
@@ -378,23 +386,33 @@ class SQLAlchemyDriver(Driver):
         ]
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
+        try:
+            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
+            if self.mysql_cancel is not None:
+                # Most of the budget: a side connection costs a connect and a login, not one packet.
+                await self.mysql_cancel.kill_queries(connections, min(timeout * 0.8, MAX_CANCEL_WAIT))
+            else:
+                await self._cancel_statements(connections, wait)
+        finally:  # also when cancelled while the cancel requests wait on a silent server
+            for connection in connections:
+                if self.mysql_cancel is not None:
+                    self.mysql_cancel.cut(connection)
+                    continue
+                fd = socket_fd(connection)
+                if fd is not None:
+                    shutdown_socket(fd)
+
+    async def _cancel_statements(self, connections: Sequence[Any], wait: float) -> None:
+        """Cancel on every dialect but MySQL's: PostgreSQL's cancel requests (sqlite3's ``interrupt()``).
+
+        From :data:`BATCH_CANCEL_FROM` psycopg connections on, one ``pg_cancel_backend`` query instead.
+        """
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
             batched = run_blocking(lambda: self._cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
             await asyncio.wait((batched,), timeout=wait)
             if batched.done() and not batched.cancelled() and batched.result():
-                connections_to_cancel: list[Any] = []
-            else:
-                connections_to_cancel = connections
-        else:
-            connections_to_cancel = connections
-        try:
-            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
-            await cancel_statements(connections_to_cancel, wait or None)
-        finally:  # also when cancelled while the cancel requests wait on a silent server
-            for connection in connections:
-                fd = socket_fd(connection)
-                if fd is not None:
-                    shutdown_socket(fd)
+                return
+        await cancel_statements(connections, wait or None)
 
     def _take_idle(self, pool: Pool) -> list[Any]:
         queue = getattr(pool, "_pool", None)
