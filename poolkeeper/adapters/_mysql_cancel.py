@@ -54,7 +54,14 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, Engine
     from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["MySQLServerCancel", "connection_id", "is_mysql", "socket_fd"]
+__all__ = ["MAX_KILL_WAIT", "MySQLServerCancel", "connection_id", "is_mysql", "socket_fd"]
+
+#: How long force-close waits for its ``KILL QUERY`` side connection before cutting the sockets
+#: anyway (and at most 80% of what is left of the close budget). Longer than PostgreSQL's cancel
+#: wait (``MAX_CANCEL_WAIT``, one packet each): this is a connect, a login and a round trip per
+#: statement, which on a loaded machine can take longer than half a second. It is spent in full
+#: only when the server does not answer; then the borrowers get their error this much later.
+MAX_KILL_WAIT = 2.0
 
 #: ``KILL QUERY`` of an id the server no longer knows: that session has already ended.
 _UNKNOWN_THREAD_ID = 1094

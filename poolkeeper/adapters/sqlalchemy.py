@@ -35,7 +35,7 @@ from poolkeeper.adapters._abort import (
     socket_fd,
 )
 from poolkeeper.adapters._base import Driver
-from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
+from poolkeeper.adapters._mysql_cancel import MAX_KILL_WAIT, MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
@@ -390,7 +390,7 @@ class SQLAlchemyDriver(Driver):
             # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
             if self.mysql_cancel is not None:
                 # Most of the budget: a side connection costs a connect and a login, not one packet.
-                await self.mysql_cancel.kill_queries(connections, min(timeout * 0.8, MAX_CANCEL_WAIT))
+                await self.mysql_cancel.kill_queries(connections, min(timeout * 0.8, MAX_KILL_WAIT))
             else:
                 await self._cancel_statements(connections, wait)
         finally:  # also when cancelled while the cancel requests wait on a silent server
