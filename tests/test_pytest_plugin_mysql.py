@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pymysql
 import pytest
@@ -87,3 +89,10 @@ def test_a_url_of_another_kind_is_refused_naming_the_variable(mysql_project, mon
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*POOLKEEPER_MYSQL_URL must be a mysql:// or mariadb:// URL, got*"])
     assert "hunter2" not in result.stdout.str() + result.stderr.str()
+
+
+def test_importing_the_plugin_imports_no_mysql_driver():
+    """A fresh interpreter importing poolkeeper.pytest_plugin loads neither PyMySQL nor mysqlclient."""
+    code = "import sys; import poolkeeper.pytest_plugin; print(sorted({'pymysql', 'MySQLdb'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert output.strip() == "[]"
