@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
+from poolkeeper.adapters._abort import MAX_CANCEL_WAIT
 from poolkeeper.adapters._mysql_cancel import MAX_KILL_WAIT, _connect_side
 from tests.faults import BlackholeProxy, ThreadWatch, auntil, sockets_to
 
@@ -296,6 +297,8 @@ async def test_force_close_stops_every_running_statement_and_leaves_no_session(d
     assert (item.outcome, item.error, item.forced) == ("forced", None, 4), item.error
     assert closed_in < 0.3 + MAX_KILL_WAIT + SLACK
     assert all(borrower.error is not None for borrower in borrowers)
+    # Promptly: stopped by its KILL QUERY, or at the latest by the cut after MAX_CANCEL_WAIT.
+    assert max(borrower.failed_at or 0 for borrower in borrowers) - started < 0.3 + MAX_CANCEL_WAIT + SLACK
     # The server's own view: no statement runs on, no session of the engine is left.
     assert await settled(mariadb, lambda: mariadb.sessions() == [], timeout=2.0), mariadb.sessions()
 

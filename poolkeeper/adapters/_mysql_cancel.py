@@ -5,9 +5,10 @@ The PostgreSQL counterpart lives in ``_abort.py`` (cancel requests, and the batc
 MySQL server keeps running a statement whose client socket is gone (``SELECT SLEEP(60)`` runs its
 60 seconds). So force-close first opens **one** side connection, made the engine's own way (its
 creator: URL, ``connect_args`` and ``do_connect`` listeners), sends ``KILL QUERY <id>`` on it for
-every borrowed connection, closes it, and only then cuts the borrowed sockets. Once its statement
-is stopped and its socket shut, the server ends the session: nothing of it is left in
-``SHOW PROCESSLIST``.
+every borrowed connection and closes it; the borrowed sockets are cut once the server has
+answered (after ``MAX_CANCEL_WAIT`` at the latest, so that a slow answer never holds the
+borrowers; see :meth:`MySQLServerCancel.force_close`). Once its statement is stopped and its
+socket shut, the server ends the session: nothing of it is left in ``SHOW PROCESSLIST``.
 
 The connection id is the one the server sent in its handshake, which every driver keeps
 (``thread_id()``: PyMySQL, mysqlclient, aiomysql, asyncmy): no query at connect, nothing per
@@ -24,7 +25,7 @@ Bounded, as force-close must be on a silent server:
 * async drivers (aiomysql, asyncmy): on the closer's event loop, cancelled at the wait; both close
   their socket when a connect or a read is cancelled.
 
-A ``KILL QUERY`` that does not succeed (no answer in time, no privilege) makes force-close raise
+A ``KILL QUERY`` that does not succeed (no answer within :data:`MAX_KILL_WAIT`, no privilege) makes force-close raise
 :class:`~poolkeeper.adapters._abort.CancelNotConfirmedError` once the sockets are cut anyway, and
 the keeper is reported ``failed``: the statement may still run on the server.
 """
@@ -45,7 +46,7 @@ from sqlalchemy import event
 from sqlalchemy.util import greenlet_spawn
 
 from poolkeeper._concurrency import run_blocking
-from poolkeeper.adapters._abort import CancelNotConfirmedError, shutdown_socket
+from poolkeeper.adapters._abort import MAX_CANCEL_WAIT, CancelNotConfirmedError, shutdown_socket
 from poolkeeper.adapters._abort import socket_fd as _generic_socket_fd
 
 if TYPE_CHECKING:
@@ -56,12 +57,14 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_KILL_WAIT", "MySQLServerCancel", "connection_id", "is_mysql", "socket_fd"]
 
-#: How long force-close waits for its ``KILL QUERY`` side connection before cutting the sockets
-#: anyway (and at most 80% of what is left of the close budget). Longer than PostgreSQL's cancel
-#: wait (``MAX_CANCEL_WAIT``, one packet each): this is a connect, a login and a round trip per
-#: statement, which on a loaded machine can take longer than half a second. It is spent in full
-#: only when the server does not answer; then the borrowers get their error this much later.
-MAX_KILL_WAIT = 2.0
+#: How long force-close waits for the server to answer its ``KILL QUERY`` statements (at most 80%
+#: of what is left of the close budget) before reporting the cancel unconfirmed. The sockets are
+#: cut after ``MAX_CANCEL_WAIT`` at the latest, whatever the answer. Longer than PostgreSQL's
+#: cancel wait: a connect and a login, then one round trip per statement, and MariaDB answers a
+#: ``KILL`` only once it could signal the statement, retrying for up to 2 s (``THD::awake``;
+#: measured here on sessions in ``SLEEP()``, whose wait shares one server-wide mutex). It is spent
+#: in full only when the server does not answer.
+MAX_KILL_WAIT = 5.0
 
 #: ``KILL QUERY`` of an id the server no longer knows: that session has already ended.
 _UNKNOWN_THREAD_ID = 1094
@@ -219,6 +222,30 @@ class MySQLServerCancel:
         with socket.socket(fileno=duplicate) as sock, contextlib.suppress(OSError):
             if (sock.getsockname(), sock.getpeername()) == (known.local, known.peer):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    async def force_close(self, connections: Sequence[Any], timeout: float) -> None:
+        """``KILL QUERY`` every connection's statement, then cut every socket, within ``timeout``.
+
+        The sockets are cut as soon as the server has answered, and at the latest after
+        ``MAX_CANCEL_WAIT``: the borrowers get their error promptly even while the server is slow
+        to answer (MariaDB answers a ``KILL`` only once it could signal the statement, retrying
+        for up to 2 s). The report waits longer for that answer, up to :data:`MAX_KILL_WAIT`.
+
+        Raises:
+            CancelNotConfirmedError: once the sockets are cut, if the server did not confirm.
+        """
+        wait = min(timeout * 0.8, MAX_KILL_WAIT)
+        killing = asyncio.ensure_future(self.kill_queries(connections, wait))
+        try:
+            await asyncio.wait((killing,), timeout=min(wait, MAX_CANCEL_WAIT))
+        except BaseException:  # cancelled (the deadline): nothing waits for the answer any more
+            killing.cancel()
+            killing.add_done_callback(_retrieve)
+            raise
+        finally:
+            for connection in connections:
+                self.cut(connection)
+        await killing
 
     async def kill_queries(self, connections: Sequence[Any], wait: float) -> None:
         """Send ``KILL QUERY`` for every connection over one side connection, waiting up to ``wait`` seconds.

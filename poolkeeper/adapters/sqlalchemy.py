@@ -35,7 +35,7 @@ from poolkeeper.adapters._abort import (
     socket_fd,
 )
 from poolkeeper.adapters._base import Driver
-from poolkeeper.adapters._mysql_cancel import MAX_KILL_WAIT, MySQLServerCancel, is_mysql
+from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
@@ -384,35 +384,28 @@ class SQLAlchemyDriver(Driver):
         connections = [
             borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
         ]
+        if self.mysql_cancel is not None:  # MySQL/MariaDB: KILL QUERY over a side connection, then cut
+            await self.mysql_cancel.force_close(connections, timeout)
+            return
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
-        try:
-            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
-            if self.mysql_cancel is not None:
-                # Most of the budget: a side connection costs a connect and a login, not one packet.
-                await self.mysql_cancel.kill_queries(connections, min(timeout * 0.8, MAX_KILL_WAIT))
-            else:
-                await self._cancel_statements(connections, wait)
-        finally:  # also when cancelled while the cancel requests wait on a silent server
-            for connection in connections:
-                if self.mysql_cancel is not None:
-                    self.mysql_cancel.cut(connection)
-                    continue
-                fd = socket_fd(connection)
-                if fd is not None:
-                    shutdown_socket(fd)
-
-    async def _cancel_statements(self, connections: Sequence[Any], wait: float) -> None:
-        """Cancel on every dialect but MySQL's: PostgreSQL's cancel requests (sqlite3's ``interrupt()``).
-
-        From :data:`BATCH_CANCEL_FROM` psycopg connections on, one ``pg_cancel_backend`` query instead.
-        """
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
             batched = run_blocking(lambda: self._cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
             await asyncio.wait((batched,), timeout=wait)
             if batched.done() and not batched.cancelled() and batched.result():
-                return
-        await cancel_statements(connections, wait or None)
+                connections_to_cancel: list[Any] = []
+            else:
+                connections_to_cancel = connections
+        else:
+            connections_to_cancel = connections
+        try:
+            # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
+            await cancel_statements(connections_to_cancel, wait or None)
+        finally:  # also when cancelled while the cancel requests wait on a silent server
+            for connection in connections:
+                fd = socket_fd(connection)
+                if fd is not None:
+                    shutdown_socket(fd)
 
     def _take_idle(self, pool: Pool) -> list[Any]:
         queue = getattr(pool, "_pool", None)
