@@ -30,6 +30,10 @@ COMPAT_LIBRARIES = (
     "fastapi",
     "starlette",
     "uvicorn",
+    "pymysql",
+    "mysqlclient",
+    "aiomysql",
+    "asyncmy",
 )
 COMPAT_SETS: dict[str, tuple[str, ...]] = {
     "floor": (
@@ -43,6 +47,10 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "starlette==0.36.3",
         "uvicorn==0.29.0",
         "httpx==0.27.2",  # Starlette 0.36's TestClient passes app= to httpx.Client, gone in httpx 0.28
+        "pymysql==1.1.0",
+        "mysqlclient==2.2.0",
+        "aiomysql==0.2.0",
+        "asyncmy==0.2.9",
     ),
     "previous": (
         "sqlalchemy==2.0.58",
@@ -54,6 +62,10 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "fastapi==0.164.0",
         "starlette==1.9.0",
         "uvicorn==0.53.0",
+        "pymysql==1.1.3",
+        "mysqlclient==2.2.8",
+        "aiomysql==0.2.0",  # aiomysql's previous minor line (0.2) has one release
+        "asyncmy==0.2.17",  # asyncmy has one minor line (0.2): the release before the newest
     ),
     "latest": (),
 }
@@ -64,6 +76,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
 COMPAT_TESTS = (
     "tests/test_sqlalchemy_sync.py",
     "tests/test_sqlalchemy_async.py",
+    "tests/test_sqlalchemy_mysql.py",
     "tests/test_asyncpg_keeper.py",
     "tests/test_redis_keeper.py",
     "tests/test_redis_asyncio_keeper.py",
