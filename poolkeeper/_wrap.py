@@ -46,7 +46,7 @@ def wrap(
     """
     if registry is not None and not isinstance(registry, Registry):
         raise TypeError(f"registry must be a poolkeeper.Registry or None, got {registry!r}")
-    return (registry or get_registry()).wrap(
+    return (registry if registry is not None else get_registry()).wrap(
         resource,
         name=name,
         drain_timeout=drain_timeout,
