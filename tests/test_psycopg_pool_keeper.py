@@ -1,4 +1,4 @@
-"""The psycopg_pool keeper (ConnectionPool, NullConnectionPool and their async twins), against the real PostgreSQL server."""
+"""The psycopg_pool keeper (ConnectionPool, NullConnectionPool, their async twins), against the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -34,9 +36,7 @@ def conninfo(pg_url: str, application_name: str, *, password: str | None = None,
     """``pg_url`` with this test's application name (and a password, or another port)."""
     parts = urllib.parse.urlsplit(pg_url)
     netloc = f"{parts.username or 'postgres'}{':' + password if password else ''}@{parts.hostname}:{port or parts.port}"
-    return urllib.parse.urlunsplit(
-        (parts.scheme, netloc, parts.path, f"application_name={application_name}", "")
-    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, f"application_name={application_name}", ""))
 
 
 @pytest.fixture
@@ -376,7 +376,7 @@ def test_workers_are_stopped_and_no_connection_is_opened_once_closing_started(ma
 
 
 def test_pool_close_runs_the_keepers_close_and_the_registry_reports_it_once(make_pool, server: Server, caplog):
-    """pool.close() (or leaving `with pool:`) drains, forces at the drain timeout, and the registry reports that close."""
+    """pool.close() (or leaving `with pool:`) drains, forces at the drain timeout; the registry reports that close."""
     pool = make_pool()
     registry = Registry(drain_timeout=0.3)
     registry.wrap(pool, name="pg")
@@ -495,13 +495,13 @@ def test_unwrap_gives_the_pool_its_own_behaviour_back(make_pool):
     registry.wrap(pool, name="pg")
     registry.unwrap("pg")
     assert type(pool) is psycopg_pool.ConnectionPool
-    assert type(pool._waiting) is not type(None)
+    assert type(pool._waiting).__module__ == "collections"
     registry.close()
     with pool.connection() as connection:
         assert connection.execute("select 1").fetchone() == (1,)
 
 
-def test_the_password_reaches_no_report_and_no_log(make_pool, pg_url: str, server: Server, caplog):
+def test_the_password_reaches_no_report_and_no_log(make_pool, pg_url: str, caplog):
     """The conninfo's password is in no report, no describe(), no log line, also when the keeper is forced."""
     pool = make_pool(password=PASSWORD)
     registry = Registry(drain_timeout=0.2)
@@ -529,3 +529,47 @@ def test_the_default_registry_wraps_it_by_class_name(make_pool):
     assert registry.wrap(pool, name="pg") is pool
     assert "psycopg_pool NullConnectionPool" in poolkeeper.adapters.SUPPORTED
     registry.close()
+
+
+# -- fork ------------------------------------------------------------------------------------------
+
+FORK_PROGRAM = """
+import json, os, sys
+import psycopg_pool
+from poolkeeper import Registry
+
+pool = psycopg_pool.ConnectionPool(sys.argv[1], min_size=2, max_size=2, open=True)
+pool.wait(10)
+registry = Registry(drain_timeout=1)
+registry.wrap(pool, name="pg")
+held = pool.getconn()
+backend = held.info.backend_pid
+child = os.fork()
+if child == 0:
+    item = registry.close()["pg"]
+    os._exit(0 if (item.outcome, item.borrowed_at_start, item.forced) == ("clean", 0, 0) else 3)
+_, status = os.waitpid(child, 0)
+after = held.execute("select pg_backend_pid()").fetchone()[0]
+pool.putconn(held)
+with pool.connection() as connection:
+    connection.execute("select 1")
+item = registry.close()["pg"]
+print(json.dumps({"child": os.waitstatus_to_exitcode(status), "backend": backend, "after": after,
+                  "outcome": item.outcome}))
+"""
+
+
+def test_a_forked_childs_close_leaves_the_parents_connections_alone(pg_url: str, application_name: str):
+    """A child closing its registry neither cuts nor closes the connections the parent's pool holds."""
+    completed = subprocess.run(
+        [sys.executable, "-c", FORK_PROGRAM, conninfo(pg_url, application_name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+    assert result["child"] == 0, completed.stderr
+    assert result["after"] == result["backend"]  # the parent's borrowed connection still works
+    assert result["outcome"] == "clean"

@@ -42,6 +42,7 @@ import psycopg_pool
 from psycopg import conninfo as psycopg_conninfo
 from psycopg_pool import pool as sync_pool_module
 from psycopg_pool import pool_async as async_pool_module
+from psycopg_pool.sched import Scheduler
 
 from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._keeper import KeeperState
@@ -117,6 +118,7 @@ class _WaitingQueue(collections.deque[Any]):
     """psycopg_pool's queue of waiting clients, refusing new ones once the keeper stops lending."""
 
     __slots__ = ("_pk_keeper",)
+    _pk_keeper: Keeper
 
     def append(self, client: Any) -> None:
         """Queue ``client``; refused (and not queued) once closing has started."""
@@ -455,7 +457,7 @@ class PsycopgPoolDriver(Driver):
         pool._pool.clear()  # noqa: SLF001
         pool._waiting.clear()  # noqa: SLF001 -- the parent's threads
         if pool._opened and not pool._closed:  # noqa: SLF001 -- the parent's workers are not in this process
-            pool._sched = sync_pool_module.Scheduler()  # noqa: SLF001
+            pool._sched = Scheduler()  # noqa: SLF001
             pool._tasks = type(pool._tasks)()  # noqa: SLF001
             pool._workers = []  # noqa: SLF001
             pool._sched_runner = None  # noqa: SLF001
@@ -529,7 +531,7 @@ class PsycopgPoolDriver(Driver):
     def _close_blocking(self) -> None:
         pool = self.pool
         workers = [*pool._workers, pool._sched_runner]  # noqa: SLF001 -- the library clears them
-        super(self.guarded_class, pool).close(self._close_timeout())
+        self.library_class.close(pool, self._close_timeout())
         strays = self._strays()
         if any(worker is not None and worker.is_alive() for worker in workers):
             # A worker that did not stop may still be using one of them: cut, never close under it.
@@ -542,7 +544,7 @@ class PsycopgPoolDriver(Driver):
     async def _close_on_loop(self) -> None:
         pool = self.pool
         workers = [task for task in (*pool._workers, pool._sched_runner) if task is not None]  # noqa: SLF001
-        await super(self.guarded_class, pool).close(self._close_timeout())
+        await self.library_class.close(pool, self._close_timeout())
         for task in workers:
             if not task.done():  # stuck (connecting to a silent server, say) past its timeout
                 task.cancel()
