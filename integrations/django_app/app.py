@@ -21,8 +21,8 @@ from typing import Any
 
 import django
 from django.conf import settings
-from django.db import connections
 from django.core.wsgi import get_wsgi_application
+from django.db import connections
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 

@@ -71,9 +71,9 @@ logger = logging.getLogger("poolkeeper.psycopg_pool")
 #   ConnectionPool.getconn, .putconn, .open, .close,   overridden on the guarded class; the
 #     .run_task, ._connect                              library's own reached through super()
 #                                                       at each call, so a later class patch applies
-#   pool._waiting (deque of WaitingClient), ._pool,   the waiting queue, the idle connections
-#     ._lock, ._closed, ._opened, ._workers,           and the background workers
-#     ._sched_runner, .conninfo, .kwargs
+#   pool._waiting (deque of WaitingClient), ._pool,   the waiting queue, the idle connections,
+#     ._lock, ._closed, ._opened, ._workers,           the background workers and the check
+#     ._sched_runner, ._check, .conninfo, .kwargs      callback (getconn() does I/O when set)
 #   WaitingClient.fail(error)                          wakes a queued client with an error
 #   AddConnection (pool and pool_async modules)        the task that opens a connection
 
@@ -81,7 +81,17 @@ logger = logging.getLogger("poolkeeper.psycopg_pool")
 SUPPORTED_VERSIONS = ">=3.2.0"
 
 _CLASS_NAMES = ("getconn", "putconn", "open", "close", "run_task", "_connect")
-_INSTANCE_NAMES = ("_waiting", "_pool", "_closed", "_opened", "_workers", "_sched_runner", "conninfo", "kwargs")
+_INSTANCE_NAMES = (
+    "_waiting",
+    "_pool",
+    "_closed",
+    "_opened",
+    "_workers",
+    "_sched_runner",
+    "_check",
+    "conninfo",
+    "kwargs",
+)
 _ADD_CONNECTION: tuple[type[Any], ...] = tuple(
     cls
     for cls in (getattr(sync_pool_module, "AddConnection", None), getattr(async_pool_module, "AddConnection", None))
@@ -139,6 +149,19 @@ class _WaitingQueue(collections.deque[Any]):
 
 def _getconn(pool: Any, timeout: float | None = None) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by PsycopgPoolDriver.attach
+    if pool._pk_does_io or pool._check is not None:  # noqa: SLF001
+        return _getconn_in_flight(pool, keeper, timeout)
+    # A pool with idle connections and no check callback does no I/O in getconn(): a checkout
+    # that lands after the closer saw the pool drained is refused by lend(), never lost.
+    keeper.admit()
+    connection = super(type(pool), pool).getconn(timeout)
+    if not keeper.lend(connection):
+        super(type(pool), pool).putconn(connection)
+        raise keeper.refusal()
+    return connection
+
+
+def _getconn_in_flight(pool: Any, keeper: Keeper, timeout: float | None) -> Any:
     # Counted as out from here: a null pool connects, and a check callback runs, inside getconn().
     keeper.start_checkout()
     try:
@@ -156,14 +179,19 @@ def _getconn(pool: Any, timeout: float | None = None) -> Any:
 
 async def _agetconn(pool: Any, timeout: float | None = None) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001
-    keeper.start_checkout()
-    try:
-        connection = await super(type(pool), pool).getconn(timeout)
-    except BaseException:
+    if pool._pk_does_io or pool._check is not None:  # noqa: SLF001
+        keeper.start_checkout()
+        try:
+            connection = await super(type(pool), pool).getconn(timeout)
+        except BaseException:
+            keeper.end_checkout()
+            raise
+        lent = keeper.lend(connection)
         keeper.end_checkout()
-        raise
-    lent = keeper.lend(connection)
-    keeper.end_checkout()
+    else:
+        keeper.admit()
+        connection = await super(type(pool), pool).getconn(timeout)
+        lent = keeper.lend(connection)
     if not lent:
         await super(type(pool), pool).putconn(connection)
         raise keeper.refusal()
@@ -241,6 +269,8 @@ def _guarded_class(cls: type[Any]) -> type[Any]:
                 "open": _aopen if is_async else _open,
                 "close": _aclose if is_async else _close,
                 "run_task": _run_task,
+                # A null pool connects inside getconn(): its checkouts count as out from admission.
+                "_pk_does_io": issubclass(cls, (psycopg_pool.NullConnectionPool, psycopg_pool.AsyncNullConnectionPool)),
             }
             _guarded_classes[cls] = type(cls.__name__, (cls,), namespace)
         return _guarded_classes[cls]
