@@ -440,11 +440,12 @@ async def test_async_pool_close_runs_the_keepers_close(make_async_pool, server: 
 # -- a silent server ----------------------------------------------------------------------------------
 
 
-def test_force_close_of_a_query_on_a_blackholed_server_keeps_the_deadline(make_pool, pg_url: str, server: Server):
+@pytest.mark.parametrize("kind", list(SYNC_POOLS))
+def test_force_close_of_a_query_on_a_blackholed_server_keeps_the_deadline(kind, make_pool, pg_url: str, server: Server):
     """A borrower stuck on a silent server is cut within the deadline; the report says the cancel went unconfirmed."""
     proxy = BlackholeProxy("127.0.0.1", urllib.parse.urlsplit(pg_url).port or 5432).start()
     try:
-        pool = make_pool("null", port=proxy.port)
+        pool = make_pool(kind, port=proxy.port)
         registry = Registry(drain_timeout=30, close_timeout=10)
         registry.wrap(pool, name="pg")
         borrower = Borrower(pool, SLEEP)
@@ -463,6 +464,7 @@ def test_force_close_of_a_query_on_a_blackholed_server_keeps_the_deadline(make_p
         assert (item.outcome, item.forced) == ("failed", 1)
         assert item.error is not None
         assert "cancel" in item.error
+        assert pool_threads(pool) == []
     finally:
         proxy.stop()
 
