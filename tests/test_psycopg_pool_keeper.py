@@ -575,3 +575,39 @@ def test_a_forked_childs_close_leaves_the_parents_connections_alone(pg_url: str,
     assert result["child"] == 0, completed.stderr
     assert result["after"] == result["backend"]  # the parent's borrowed connection still works
     assert result["outcome"] == "clean"
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_pool_close_still_cancels_the_query_on_the_server(make_async_pool, server: Server):
+    """`wait_for(pool.close(), t)` cut short force-closes the pool: the borrower fails, no backend keeps running."""
+    pool = await make_async_pool()
+    registry = Registry(drain_timeout=30)
+    registry.wrap(pool, name="pg")
+
+    async def run_query() -> BaseException:
+        try:
+            async with pool.connection() as connection:
+                await connection.execute(SLEEP)
+        except Exception as error:
+            return error
+        raise AssertionError("the query was not interrupted")
+
+    running = asyncio.ensure_future(run_query())
+    assert await asyncio.to_thread(server.settle, lambda: server.sleeping() != [])
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.close(), 0.3)
+    assert isinstance(await asyncio.wait_for(running, 5), psycopg.Error)
+    assert await asyncio.to_thread(server.settle, lambda: server.backends() == []), server.backends()
+    report = await asyncio.wait_for(registry.aclose(), 5)
+    assert (report["pg"].outcome, report["pg"].forced) == ("forced", 1)
+    assert pool_tasks(pool) == []
+
+
+def test_a_psycopg_pool_lacking_a_needed_name_is_refused_at_wrap_time(make_pool, monkeypatch):
+    """A psycopg_pool release without a method the adapter overrides is refused by wrap(), naming version and range."""
+    pool = make_pool()
+    monkeypatch.delattr(psycopg_pool.ConnectionPool, "run_task")
+    registry = Registry()
+    with pytest.raises(poolkeeper.UnsupportedResourceError, match=r"lacks ConnectionPool\.run_task; .* >=3\.2\.0"):
+        registry.wrap(pool, name="pg")
+    assert len(registry) == 0
