@@ -445,7 +445,11 @@ def test_force_close_of_a_query_on_a_blackholed_server_keeps_the_deadline(kind, 
     """A borrower stuck on a silent server is cut within the deadline; the report says the cancel went unconfirmed."""
     proxy = BlackholeProxy("127.0.0.1", urllib.parse.urlsplit(pg_url).port or 5432).start()
     try:
-        pool = make_pool(kind, port=proxy.port)
+        # One connection, made before the fault: no worker is connecting when the server goes
+        # silent (a connect without connect_timeout waits for it forever; see the docs).
+        pool = make_pool(kind, port=proxy.port, max_size=1)
+        if kind == "pool":
+            pool.wait(5)
         registry = Registry(drain_timeout=30, close_timeout=10)
         registry.wrap(pool, name="pg")
         borrower = Borrower(pool, SLEEP)

@@ -48,7 +48,14 @@ from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._keeper import KeeperState
 from poolkeeper._redact import secret_values
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import (
+    BATCH_CANCEL_FROM,
+    MAX_CANCEL_WAIT,
+    CancelNotConfirmedError,
+    cancel_statements,
+    shutdown_socket,
+    socket_fd,
+)
 from poolkeeper.adapters._base import Driver, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
@@ -115,6 +122,12 @@ class PsycopgPoolClosedError(PoolClosedError, psycopg_pool.PoolClosed):
 # A cancel request is one short-lived connection to the server: milliseconds on a healthy
 # network. Even with no time left, it gets this long before the sockets are cut anyway.
 _MIN_CANCEL_WAIT = 0.05
+
+# psycopg 3.1 has no cancel_safe(): its cancel() is libpq's PQcancel, which holds the GIL while it
+# connects and waits, so against a silent server it freezes the whole process. There the
+# statements are always cancelled with one pg_cancel_backend query on a side connection (an
+# ordinary connect, with connect_timeout, that releases the GIL), and never with cancel().
+_HAS_CANCEL_SAFE = hasattr(psycopg.Connection, "cancel_safe")  # psycopg 3.2+
 
 
 # -- the waiting queue ----------------------------------------------------------------------------
@@ -489,8 +502,8 @@ class PsycopgPoolDriver(Driver):
         if pool._opened and not pool._closed:  # noqa: SLF001 -- the parent's workers are not in this process
             pool._sched = Scheduler()  # noqa: SLF001
             pool._tasks = type(pool._tasks)()  # noqa: SLF001
-            pool._workers = []  # noqa: SLF001
-            pool._sched_runner = None  # noqa: SLF001
+            # _workers and _sched_runner stay: the parent's threads, never alive here, so that
+            # psycopg_pool's close() finds them stopped (3.2.0 asserts the scheduler is set).
 
     def _own(self, connection: Any) -> bool:
         return id(connection) not in self._inherited
@@ -509,13 +522,18 @@ class PsycopgPoolDriver(Driver):
         if not connections:
             return
         wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
-        to_cancel = connections
-        if len(connections) >= BATCH_CANCEL_FROM:
-            batched = run_blocking(lambda: _cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
-            await asyncio.wait((batched,), timeout=wait)
-            if batched.done() and not batched.cancelled() and batched.exception() is None and batched.result():
-                to_cancel = []
         try:
+            to_cancel = connections
+            if len(connections) >= BATCH_CANCEL_FROM or not _HAS_CANCEL_SAFE:
+                batched = run_blocking(lambda: _cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
+                await asyncio.wait((batched,), timeout=wait)
+                if batched.done() and not batched.cancelled() and batched.exception() is None and batched.result():
+                    to_cancel = []
+                elif not _HAS_CANCEL_SAFE:
+                    raise CancelNotConfirmedError(
+                        f"the server did not confirm the cancel of {len(connections)} running statement(s) "
+                        f"(no answer within {wait:.3g}s); they may still be running on the server"
+                    )
             # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
             await cancel_statements(to_cancel, wait)
         finally:  # also when cancelled while the cancel requests wait on a silent server
