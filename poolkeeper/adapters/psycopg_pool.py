@@ -352,7 +352,8 @@ class PsycopgPoolDriver(Driver):
         super().__init__(pool)
         self.pool = pool
         self.is_async = isinstance(pool, psycopg_pool.AsyncConnectionPool)
-        self.library_class: type[Any] = type(pool)
+        # The pool's own class, also when another registry's keeper has already guarded it.
+        self.library_class: type[Any] = next(cls for cls in type(pool).__mro__ if cls not in _guarded_classes.values())
         self.guarded_class: type[Any] = _guarded_class(self.library_class)
         # Every connection the pool opened since it was wrapped, weakly: a connection the pool
         # drops without closing (a return discarded by its closing workers) is closed at the end.
