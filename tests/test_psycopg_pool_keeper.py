@@ -617,3 +617,57 @@ def test_a_psycopg_pool_lacking_a_needed_name_is_refused_at_wrap_time(make_pool,
     with pytest.raises(poolkeeper.UnsupportedResourceError, match=r"lacks ConnectionPool\.run_task; .* >=3\.2\.0"):
         registry.wrap(pool, name="pg")
     assert len(registry) == 0
+
+
+def test_an_async_pool_on_another_threads_loop_is_closed_there_by_a_sync_close(pg_url, application_name, server):
+    """registry.close() from a thread without a loop wakes the pool's queued tasks and forces its borrower there."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def on_loop(coroutine: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    async def open_pool() -> Any:
+        pool = psycopg_pool.AsyncConnectionPool(conninfo(pg_url, application_name), min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+        return pool
+
+    async def run_query() -> BaseException | None:
+        try:
+            async with pool.connection() as connection:
+                await connection.execute(SLEEP)
+        except Exception as error:
+            return error
+        return None
+
+    async def wait_for_a_connection() -> BaseException | None:
+        try:
+            async with pool.connection(timeout=30):
+                pass
+        except Exception as error:
+            return error
+        return None
+
+    try:
+        pool = on_loop(open_pool())
+        registry = Registry(drain_timeout=0.3)
+        registry.wrap(pool, name="pg")
+        running = asyncio.run_coroutine_threadsafe(run_query(), loop)
+        assert server.settle(lambda: server.sleeping() != [])
+        waiting = asyncio.run_coroutine_threadsafe(wait_for_a_connection(), loop)
+        until(lambda: len(pool._waiting) == 1)
+        report = registry.close()
+        assert (report["pg"].outcome, report["pg"].forced) == ("forced", 1)
+        assert isinstance(waiting.result(5), PsycopgPoolClosedError)
+        assert isinstance(running.result(5), psycopg.Error)
+        assert on_loop(_pool_tasks_on_loop(pool)) == []
+        assert server.settle(lambda: server.backends() == []), server.backends()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
+async def _pool_tasks_on_loop(pool: Any) -> list[str]:
+    return pool_tasks(pool)
