@@ -490,6 +490,11 @@ class PsycopgPoolDriver(Driver):
         and never lent here. Open psycopg_pool pools in the process that uses them.
         """
         pool = self.pool
+        # This driver's own state is the parent's too: a parent thread may have held the lock.
+        self._lock = threading.Lock()
+        self._done = concurrent.futures.Future()
+        self._close_started = self._own_close_running = False
+        self._forced = set()
         if self.is_async:
             self._inherited_loop = True
             self._loop = None
