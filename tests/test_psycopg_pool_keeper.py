@@ -671,3 +671,32 @@ def test_an_async_pool_on_another_threads_loop_is_closed_there_by_a_sync_close(p
 
 async def _pool_tasks_on_loop(pool: Any) -> list[str]:
     return pool_tasks(pool)
+
+
+def test_a_password_in_the_pools_kwargs_is_scrubbed_too(pg_url: str, application_name: str, caplog):
+    """Django passes the password in kwargs: it is a secret of the keeper and shows in no report or log."""
+    parts = urllib.parse.urlsplit(pg_url)
+    pool = psycopg_pool.ConnectionPool(
+        kwargs={
+            "host": parts.hostname,
+            "port": parts.port or 5432,
+            "dbname": parts.path.lstrip("/"),
+            "user": parts.username or "postgres",
+            "password": PASSWORD,
+            "application_name": application_name,
+        },
+        min_size=1,
+        open=True,
+    )
+    registry = Registry(drain_timeout=0.1)
+    registry.wrap(pool, name="pg")
+    keeper = registry["pg"]
+    assert PASSWORD in keeper.driver.secrets()
+    assert keeper.driver.describe() == f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+    connection = pool.getconn()  # never returned: forced, named in the report
+    with caplog.at_level(logging.DEBUG):
+        report = registry.close()
+    assert report["pg"].outcome == "forced"
+    with pytest.raises(psycopg.OperationalError):  # its socket was cut
+        connection.execute("select 1")
+    assert PASSWORD not in str(report) + json.dumps(report.to_dict()) + caplog.text
