@@ -74,6 +74,7 @@ COMPAT_TESTS = (
     "tests/test_psycopg_pool_keeper.py",
     "tests/test_compat.py",
     "tests/test_registration.py",
+    "tests/contract",  # the shared behaviour suite: every adapter, same tests
     "tests/test_shutdown_order.py",
     "tests/test_cancellation.py",
     "tests/test_report.py",

@@ -21,12 +21,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import CodeType
 
-__all__ = ["Borrow", "Borrower", "Entry", "Frame", "capture_stack", "collected", "tracked_entry", "untracked_entry"]
+__all__ = [
+    "Borrow",
+    "Borrower",
+    "Entry",
+    "Frame",
+    "add_library_modules",
+    "capture_stack",
+    "collected",
+    "tracked_entry",
+    "untracked_entry",
+]
 
 # Frames from these modules are plumbing, never "where the user borrowed the connection".
-_PLUMBING_MODULES = (
+_PLUMBING_MODULES: tuple[str, ...] = (
     "runpy",
     "<frozen",
     "poolkeeper.",
@@ -46,6 +57,8 @@ _PLUMBING_MODULES = (
     "pluggy.",
     "pytest_asyncio.",
 )
+# Modules that are plumbing by their exact name (a package's __init__, a one-file library).
+_PLUMBING_NAMES = frozenset({"poolkeeper", "sqlalchemy"})
 _PYTEST_MAIN = (f"{os.sep}pytest{os.sep}__main__.py", f"{os.sep}_pytest{os.sep}__main__.py")
 
 
@@ -87,10 +100,24 @@ _current_task = asyncio.current_task
 
 def _is_plumbing(frame: Any) -> bool:
     module = frame.f_globals.get("__name__", "")
-    if module.startswith(_PLUMBING_MODULES) or module in ("poolkeeper", "sqlalchemy"):
+    if module.startswith(_PLUMBING_MODULES) or module in _PLUMBING_NAMES:
         return True
     # `python -m pytest` runs pytest's own __main__ module: plumbing, not the user's script.
     return module == "__main__" and bool(frame.f_code.co_filename.endswith(_PYTEST_MAIN))
+
+
+def add_library_modules(modules: Iterable[str]) -> None:
+    """Count the frames of ``modules`` (and of their submodules) as library code from now on.
+
+    A third-party adapter's library (``Driver.library_modules``) joins the built-in ones, so a
+    borrow site is the user's line, not a line of the pool.
+    """
+    global _PLUMBING_MODULES, _PLUMBING_NAMES  # noqa: PLW0603 -- replaced whole: readers see one or the other
+    names = frozenset(modules) - _PLUMBING_NAMES
+    if names:
+        _PLUMBING_NAMES = _PLUMBING_NAMES | names
+        _PLUMBING_MODULES = (*_PLUMBING_MODULES, *sorted(f"{name}." for name in names))
+        _plumbing_files.clear()  # files already judged may belong to these modules
 
 
 def _learn(frame: Any) -> bool:
@@ -232,7 +259,15 @@ def collected(entry: Entry) -> bool:
 
 
 class Borrow:
-    """One borrowed connection and its entry, made only off the hot path (views, force-close)."""
+    """One borrowed connection, as a driver's :meth:`~poolkeeper.adapters.Driver.force_close` is given it.
+
+    Attributes:
+        connection: what the adapter passed to :meth:`Keeper.lend <poolkeeper.Keeper.lend>`
+            (its unit of checkout: a connection object, a request record...).
+        entry: the keeper's record of the borrow; internal.
+
+    Made only off the hot path (views, force-close).
+    """
 
     __slots__ = ("connection", "entry")
 

@@ -39,7 +39,8 @@ def wrap(
         leak_threshold: warn, with the borrow site, about a connection held longer than this.
 
     Raises:
-        UnsupportedResourceError: ``resource`` is of no supported type.
+        UnsupportedResourceError: ``resource`` is of no supported type (built in, or given an
+            adapter by :func:`poolkeeper.register_adapter` or an entry point).
         RegistrationError: duplicate name, dependency cycle, or the registry is closed.
         ValueError: a timeout is negative, NaN or infinite.
     """

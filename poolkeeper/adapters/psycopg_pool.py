@@ -35,7 +35,7 @@ import os
 import threading
 import urllib.parse
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
 import psycopg_pool
@@ -347,6 +347,8 @@ class PsycopgPoolDriver(Driver):
 
     kind = "psycopg_pool"
     refusal_class = PsycopgPoolClosedError
+    # psycopg_pool's connection() context manager is never the borrow site; the caller is.
+    library_modules: ClassVar[tuple[str, ...]] = ("psycopg_pool",)
 
     def __init__(self, pool: Any) -> None:
         super().__init__(pool)
