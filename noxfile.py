@@ -121,7 +121,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Mypy --strict over the library, the tests and the benchmarks."""
+    """Mypy --strict over the library, the integrations (examples), the tests and the benchmarks."""
     session.install("-e", ".[all,dev]", "nox")
     session.run("mypy")
 

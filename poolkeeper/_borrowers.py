@@ -18,16 +18,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from types import CodeType
 
 __all__ = [
+    "FORCED_BY_LABELS",
     "Borrow",
     "Borrower",
     "Entry",
+    "ForcedBy",
     "Frame",
     "add_library_modules",
     "capture_stack",
@@ -35,6 +37,23 @@ __all__ = [
     "tracked_entry",
     "untracked_entry",
 ]
+
+#: What cut a keeper's drain short, so that its borrowed connections were force-closed.
+#: ``drain_timeout``: the keeper's own drain timeout ran out. ``deadline``: the shutdown's
+#: deadline left no more time to drain. ``budget``: the grace budget's force point (or exit
+#: point) after the first SIGTERM. ``force_close``: ``registry.force_close()``, a second signal,
+#: the cancellation of the task running the shutdown, or asyncpg's ``pool.terminate()``.
+#: ``exit``: the process exited without closing and the exit-time net closed it.
+ForcedBy = Literal["drain_timeout", "deadline", "budget", "force_close", "exit"]
+
+#: How each :data:`ForcedBy` reads in the text report.
+FORCED_BY_LABELS: dict[str, str] = {
+    "drain_timeout": "its drain_timeout",
+    "deadline": "the shutdown deadline",
+    "budget": "the grace budget",
+    "force_close": "force_close (a second signal or a cancelled shutdown)",
+    "exit": "the exit-time close",
+}
 
 # Frames from these modules are plumbing, never "where the user borrowed the connection".
 _PLUMBING_MODULES: tuple[str, ...] = (
@@ -280,8 +299,8 @@ class Borrow:
         """``time.monotonic()`` at checkout."""
         return float(self.entry[0])
 
-    def view(self, keeper: str, *, returned_by_gc: bool = False) -> Borrower:
-        """The public, immutable view of this borrow."""
+    def view(self, keeper: str, *, returned_by_gc: bool = False, forced_by: ForcedBy | None = None) -> Borrower:
+        """The public, immutable view of this borrow (``forced_by``: why it is being force-closed)."""
         entry = self.entry
         held = time.monotonic() - entry[0]
         tracked = len(entry) > _UNTRACKED_LENGTH
@@ -293,6 +312,7 @@ class Borrow:
             task=entry[4].get_name() if tracked and entry[4] is not None else None,
             stack=_frames(entry[2]) if tracked else None,
             returned_by_gc=returned_by_gc,
+            forced_by=forced_by,
         )
 
 
@@ -310,6 +330,8 @@ class Borrower:
             line and at most 3 callers), or ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
+        forced_by: in a shutdown report, what forced this connection closed (``"budget"``: the
+            grace budget's force point; see :data:`ForcedBy`); else ``None``.
     """
 
     keeper: str
@@ -319,6 +341,7 @@ class Borrower:
     task: str | None
     stack: tuple[Frame, ...] | None
     returned_by_gc: bool = False
+    forced_by: ForcedBy | None = None
 
     @property
     def site(self) -> str | None:
@@ -335,6 +358,8 @@ class Borrower:
             part for part in (self.thread and f"thread {self.thread}", self.task and f"task {self.task}") if part
         )
         lines = [f"{self.keeper}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        if self.forced_by is not None:
+            lines[0] += f"; forced by {FORCED_BY_LABELS.get(self.forced_by, self.forced_by)}"
         if self.stack is None:
             lines.append("  borrow site unknown: enable track_borrowers=True to record it")
         else:
@@ -353,4 +378,5 @@ class Borrower:
             "site": self.site,
             "stack": None if self.stack is None else [str(frame) for frame in self.stack],
             "returned_by_gc": self.returned_by_gc,
+            "forced_by": self.forced_by,
         }
