@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from benchmarks._measure import Comparison, Result, compare, latency_result
+from benchmarks._measure import Comparison, Result, latency_result
+from benchmarks._measure import per_op as sync_per_op
 from poolkeeper import Registry
 
 if TYPE_CHECKING:
@@ -19,13 +20,32 @@ if TYPE_CHECKING:
 URL = os.environ.get("POOLKEEPER_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def same_pool(
+    name: str, pool: ConnectionPool[Any], operation: Callable[[ConnectionPool[Any]], object], *, count: int, rounds: int
+) -> Comparison:
+    """The same pool, unwrapped and wrapped in alternating rounds.
+
+    Two pools differ by more than any overhead on a loaded machine (each has its own server
+    backends, scheduled as the server likes): comparing one pool with itself leaves only the keeper.
+    """
+    result = Comparison(name, [], [])
+    for index in range(rounds + 1):
+        # Which one runs first alternates, so that a trend over time hits both alike.
+        raw = sync_per_op(lambda: operation(pool), count) if index % 2 else 0.0
+        registry = Registry()
+        registry.wrap(pool, name="pg")
+        wrapped = sync_per_op(lambda: operation(pool), count)
+        registry.unwrap("pg")
+        raw = raw or sync_per_op(lambda: operation(pool), count)
+        if index:  # the first round warms both paths up
+            result.raw.append(raw)
+            result.wrapped.append(wrapped)
+    return result
+
+
 def sync_overhead() -> list[Result]:
-    raw = ConnectionPool(URL, min_size=2, max_size=2, open=True)
-    wrapped = ConnectionPool(URL, min_size=2, max_size=2, open=True)
-    raw.wait(10)
-    wrapped.wait(10)
-    registry = Registry()
-    registry.wrap(wrapped, name="pg")
+    pool = ConnectionPool(URL, min_size=2, max_size=2, open=True)
+    pool.wait(10)
 
     def checkout_return(pool: ConnectionPool[Any]) -> None:
         pool.putconn(pool.getconn())
@@ -35,23 +55,13 @@ def sync_overhead() -> list[Result]:
             connection.execute("select 1").fetchone()
 
     rows = [
-        compare(
-            "psycopg_pool getconn+putconn (no I/O)",
-            lambda: checkout_return(raw),
-            lambda: checkout_return(wrapped),
-            count=2000,
-            rounds=31,
-        ).result(None),  # the goal is on a round trip; this row shows the keeper's own cost per borrow
-        compare(
-            "psycopg_pool connection() + execute('select 1')",
-            lambda: select_one(raw),
-            lambda: select_one(wrapped),
-            count=300,
-            rounds=21,
-        ).result(1.05),
+        # The goal is on a round trip; this row shows the keeper's own cost per borrow.
+        same_pool("psycopg_pool getconn+putconn (no I/O)", pool, checkout_return, count=2000, rounds=31).result(None),
+        same_pool("psycopg_pool connection() + execute('select 1')", pool, select_one, count=300, rounds=21).result(
+            1.05
+        ),
     ]
-    registry.close()
-    raw.close()
+    pool.close()
     return rows
 
 
@@ -63,31 +73,32 @@ async def per_op(operation: Callable[[], Awaitable[object]], count: int) -> floa
     return (time.perf_counter() - started) / count
 
 
-async def acompare(
+async def asame_pool(
     name: str,
-    raw: Callable[[], Awaitable[object]],
-    wrapped: Callable[[], Awaitable[object]],
+    pool: AsyncConnectionPool[Any],
+    operation: Callable[[AsyncConnectionPool[Any]], Awaitable[object]],
     *,
     count: int,
     rounds: int,
 ) -> Comparison:
-    """Alternate raw and wrapped rounds so that machine noise hits both alike."""
+    """:func:`same_pool` for an async pool."""
     result = Comparison(name, [], [])
-    await per_op(raw, count // 10)  # warm up both paths
-    await per_op(wrapped, count // 10)
-    for _ in range(rounds):
-        result.raw.append(await per_op(raw, count))
-        result.wrapped.append(await per_op(wrapped, count))
+    for index in range(rounds + 1):
+        raw = await per_op(lambda: operation(pool), count) if index % 2 else 0.0
+        registry = Registry()
+        registry.wrap(pool, name="pg")
+        wrapped = await per_op(lambda: operation(pool), count)
+        registry.unwrap("pg")
+        raw = raw or await per_op(lambda: operation(pool), count)
+        if index:
+            result.raw.append(raw)
+            result.wrapped.append(wrapped)
     return result
 
 
 async def async_overhead() -> list[Result]:
-    raw = AsyncConnectionPool(URL, min_size=2, max_size=2, open=False)
-    wrapped = AsyncConnectionPool(URL, min_size=2, max_size=2, open=False)
-    await raw.open(wait=True)
-    await wrapped.open(wait=True)
-    registry = Registry()
-    registry.wrap(wrapped, name="pg")
+    pool = AsyncConnectionPool(URL, min_size=2, max_size=2, open=False)
+    await pool.open(wait=True)
 
     async def checkout_return(pool: AsyncConnectionPool[Any]) -> None:
         await pool.putconn(await pool.getconn())
@@ -98,26 +109,17 @@ async def async_overhead() -> list[Result]:
 
     rows = [
         (
-            await acompare(
-                "psycopg_pool async getconn+putconn (no I/O)",
-                lambda: checkout_return(raw),
-                lambda: checkout_return(wrapped),
-                count=1000,
-                rounds=31,
+            await asame_pool(
+                "psycopg_pool async getconn+putconn (no I/O)", pool, checkout_return, count=1000, rounds=31
             )
         ).result(None),
         (
-            await acompare(
-                "psycopg_pool async connection() + execute('select 1')",
-                lambda: select_one(raw),
-                lambda: select_one(wrapped),
-                count=300,
-                rounds=21,
+            await asame_pool(
+                "psycopg_pool async connection() + execute('select 1')", pool, select_one, count=300, rounds=21
             )
         ).result(1.05),
     ]
-    await registry.aclose()
-    await raw.close()
+    await pool.close()
     return rows
 
 
