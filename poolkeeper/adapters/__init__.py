@@ -48,6 +48,19 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "redis.client.Redis": ("poolkeeper.adapters.redis", "redis-py Redis"),
     "redis.asyncio.client.Redis": ("poolkeeper.adapters.redis", "redis.asyncio Redis"),
     "aiohttp.client.ClientSession": ("poolkeeper.adapters.aiohttp", "aiohttp ClientSession"),
+    "psycopg_pool.pool.ConnectionPool": ("poolkeeper.adapters.psycopg_pool", "psycopg_pool ConnectionPool"),
+    "psycopg_pool.pool_async.AsyncConnectionPool": (
+        "poolkeeper.adapters.psycopg_pool",
+        "psycopg_pool AsyncConnectionPool",
+    ),
+    "psycopg_pool.null_pool.NullConnectionPool": (
+        "poolkeeper.adapters.psycopg_pool",
+        "psycopg_pool NullConnectionPool",
+    ),
+    "psycopg_pool.null_pool_async.AsyncNullConnectionPool": (
+        "poolkeeper.adapters.psycopg_pool",
+        "psycopg_pool AsyncNullConnectionPool",
+    ),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.
