@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_CANCEL_FROM",
     "MAX_CANCEL_WAIT",
+    "BlockingCancelRefusedError",
     "CancelNotConfirmedError",
+    "cancel_psycopg_in_one_query",
     "cancel_statement",
     "cancel_statements",
     "say_goodbye",
@@ -118,14 +120,64 @@ async def cancel_statement(connection: Any, timeout: float) -> bool:
     return False
 
 
+class BlockingCancelRefusedError(Exception):
+    """psycopg 3.1's ``cancel()`` was not called: it would freeze the process on a silent server."""
+
+
 async def _psycopg_cancel(connection: Any, timeout: float) -> None:
     cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg >= 3.2
-    if cancel_safe is None:  # psycopg 3.1: blocking on both connection classes; the caller bounds the wait
-        await run_blocking(connection.cancel, name="poolkeeper-pg-cancel")
-    elif asyncio.iscoroutinefunction(cancel_safe):  # psycopg.AsyncConnection
+    if cancel_safe is None:
+        # psycopg 3.1's cancel() is libpq's PQcancel, which holds the GIL while it connects and
+        # waits: against a silent server it freezes every thread, the deadline's included. Drivers
+        # cancel 3.1's statements with one pg_cancel_backend query on a side connection instead
+        # (an ordinary connect, which releases the GIL); when that failed, the cancel is reported
+        # unconfirmed rather than sent this way.
+        raise BlockingCancelRefusedError(
+            "psycopg 3.1's cancel() would block the whole process on an unresponsive server "
+            "(psycopg 3.2+ cancels without it)"
+        )
+    if asyncio.iscoroutinefunction(cancel_safe):  # psycopg.AsyncConnection
         await cancel_safe(timeout=timeout)
     else:
         await run_blocking(lambda: cancel_safe(timeout=timeout), name="poolkeeper-pg-cancel")
+
+
+async def cancel_psycopg_in_one_query(connections: Sequence[Any], wait: float) -> None:
+    """Cancel every psycopg connection's statement with one ``pg_cancel_backend`` query, within ``wait``.
+
+    The side connection is an ``AsyncConnection`` made from the first connection's own parameters
+    (``info.dsn`` and the password it authenticated with), on the running loop: at ``wait`` it is
+    cancelled, which closes its socket, so nothing (no thread, no socket) outlives the call even
+    against a silent server. For psycopg 3.1, whose ``cancel()`` would freeze the process there.
+
+    Raises:
+        CancelNotConfirmedError: the query did not run within ``wait`` or failed.
+    """
+    import psycopg  # noqa: PLC0415 -- loaded already: it made `connections`
+
+    first = connections[0]
+    password = first.pgconn.password
+    conninfo = psycopg.conninfo.make_conninfo(
+        first.info.dsn, **({} if password is None else {"password": password.decode()})
+    )
+    pids = [connection.info.backend_pid for connection in connections]
+
+    async def cancel_all() -> None:
+        side = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        try:
+            await side.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (pids,))
+        finally:
+            await side.close()
+
+    try:
+        await asyncio.wait_for(cancel_all(), wait)
+    except Exception as error:  # noqa: BLE001 -- every failure is the same news: not confirmed
+        timed_out = isinstance(error, asyncio.TimeoutError)
+        reason = f"no answer within {wait:.3g}s" if timed_out else f"{type(error).__name__}: {error}"
+        raise CancelNotConfirmedError(
+            f"the server did not confirm the cancel of {len(pids)} of {len(pids)} running statement(s) "
+            f"({reason}); they may still be running on the server"
+        ) from None
 
 
 class CancelNotConfirmedError(Exception):

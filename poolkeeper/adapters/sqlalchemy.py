@@ -29,6 +29,7 @@ from poolkeeper._redact import is_secret_key, secret_values
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
+    cancel_psycopg_in_one_query,
     cancel_statements,
     say_goodbye,
     shutdown_socket,
@@ -389,6 +390,13 @@ class SQLAlchemyDriver(Driver):
             return
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
+        if wait > 0 and connections and all(_is_psycopg_31(connection) for connection in connections):
+            # psycopg 3.1 can only be cancelled safely with the query (see _abort._psycopg_cancel).
+            try:
+                await cancel_psycopg_in_one_query(connections, wait)
+            finally:
+                self._cut(connections)
+            return
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
             batched = run_blocking(lambda: self._cancel_in_one_query(connections, wait), name="poolkeeper-pg-cancel")
             await asyncio.wait((batched,), timeout=wait)
@@ -402,10 +410,14 @@ class SQLAlchemyDriver(Driver):
             # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
             await cancel_statements(connections_to_cancel, wait or None)
         finally:  # also when cancelled while the cancel requests wait on a silent server
-            for connection in connections:
-                fd = socket_fd(connection)
-                if fd is not None:
-                    shutdown_socket(fd)
+            self._cut(connections)
+
+    @staticmethod
+    def _cut(connections: Sequence[Any]) -> None:
+        for connection in connections:
+            fd = socket_fd(connection)
+            if fd is not None:
+                shutdown_socket(fd)
 
     def _take_idle(self, pool: Pool) -> list[Any]:
         queue = getattr(pool, "_pool", None)
@@ -510,6 +522,11 @@ class SQLAlchemyDriver(Driver):
                 f"{len(failures)} connection(s) could not be closed from the thread closing the registry "
                 f"({'; '.join(sorted(set(failures)))}); they stay open until the threads that opened them close them"
             )
+
+
+def _is_psycopg_31(connection: Any) -> bool:
+    """A psycopg connection without ``cancel_safe()`` (psycopg 3.1)."""
+    return type(connection).__module__.split(".")[0] == "psycopg" and not hasattr(connection, "cancel_safe")
 
 
 class ThreadBoundConnectionsError(Exception):
