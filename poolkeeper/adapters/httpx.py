@@ -541,8 +541,6 @@ def make_driver(resource: Any) -> HttpxDriver:
     missing = [f"{pool_class.__name__}.{name}" for name in _POOL_NAMES if not all(hasattr(p, name) for p in pools)]
     missing += [f"{request_name}.{name}" for name in _POOL_REQUEST_METHODS if not hasattr(pool_request, name)]
     if missing:
-        core_version = getattr(library.core, "__version__", "?")
-        raise unsupported_version(
-            library.name, f"{library.version} (with {library.core.__name__} {core_version})", SUPPORTED_VERSIONS[library.name], missing
-        )
+        installed = f"{library.version} (with {library.core.__name__} {getattr(library.core, '__version__', '?')})"
+        raise unsupported_version(library.name, installed, SUPPORTED_VERSIONS[library.name], missing)
     return HttpxDriver(resource, library, pools)
