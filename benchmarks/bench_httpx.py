@@ -70,7 +70,9 @@ def compare_sync_get(url: str, *, count: int, rounds: int) -> Comparison:
     raw = httpx.Client()
     wrapped = registry.wrap(httpx.Client(), name="http")
     try:
-        return compare("httpx Client GET, small body", lambda: raw.get(url), lambda: wrapped.get(url), count=count, rounds=rounds)
+        return compare(
+            "httpx Client GET, small body", lambda: raw.get(url), lambda: wrapped.get(url), count=count, rounds=rounds
+        )
     finally:
         registry.close()
         raw.close()

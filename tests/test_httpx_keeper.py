@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import json
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -570,3 +572,86 @@ def test_secrets_never_reach_the_report_or_the_logs(lib, http_server, clients, c
     for text in shown:
         assert "url-s3cret" not in text
         assert "auth-s3cret" not in text
+
+
+# -- processes ------------------------------------------------------------------------------------------
+
+# Run in a process of its own (never fork the pytest process): a parent with a request in flight
+# on one connection and a second connection idle forks; the child makes a request of its own (on
+# a connection of its own, never the parent's idle one) and closes its registry; the parent's
+# request must still complete, and its connections must still serve it.
+FORK_PROGRAM = """
+import json, os, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import poolkeeper
+
+lib = __import__(sys.argv[1])
+arrived, release = threading.Event(), threading.Event()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/slow":
+            arrived.set()
+            release.wait(10)
+        body = f"{self.path} {self.client_address[1]}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+registry = poolkeeper.Registry(drain_timeout=2)
+client = registry.wrap(lib.Client(base_url=f"http://127.0.0.1:{server.server_port}"), name="http")
+result = {}
+slow = threading.Thread(target=lambda: result.update(slow=client.get("/slow").text.split()))
+slow.start()
+arrived.wait(5)
+warm_port = client.get("/warm").text.split()[1]  # a second connection, idle from now on
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    child_port = client.get("/child").text.split()[1]
+    report = registry.close()
+    os.write(write, json.dumps({"report": report.to_dict(), "child_port": child_port}).encode())
+    os._exit(0)
+os.close(write)
+_, status = os.waitpid(pid, 0)
+child = json.loads(os.read(read, 65536))
+release.set()
+slow.join(5)
+result["after_port"] = client.get("/after").text.split()[1]
+result["parent_report"] = registry.close().to_dict()
+result.update(child=child, child_status=status, warm_port=warm_port)
+print(json.dumps(result))
+"""
+
+
+def test_a_forked_childs_close_never_touches_the_parents_connections(lib, tmp_path):
+    """The child closes only what it opened: the parent's request in flight and its idle connection keep working."""
+    program = tmp_path / "fork_httpx.py"
+    program.write_text(FORK_PROGRAM)
+    completed = subprocess.run(
+        [sys.executable, str(program), lib.__name__], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+
+    assert result["child_status"] == 0
+    [child_item] = result["child"]["report"]["items"]
+    assert (child_item["outcome"], child_item["borrowed_at_start"]) == ("clean", 0)
+    path, slow_port = result["slow"]
+    assert path == "/slow"  # the parent's request in flight completed
+    # The child opened its own connection: it never sent on the parent's idle one.
+    assert result["child"]["child_port"] not in {result["warm_port"], slow_port}
+    assert result["after_port"] in {result["warm_port"], slow_port}  # the parent's connections still serve it
+    assert result["parent_report"]["ok"] is True
+    assert "ResourceWarning" not in completed.stderr

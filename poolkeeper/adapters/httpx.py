@@ -225,14 +225,14 @@ class HttpxDriver(Driver):
         self.kind = library.name  # type: ignore[misc]  # "httpx" or "httpx2"
         # Requests sent and not yet closed: what refuse() looks for in the pools' queues.
         self.in_flight: set[_Request] = set()
-        # The event loop an AsyncClient's connections live on: the loop of its first request.
+        # The event loop an AsyncClient's connections live on: the loop of its latest request.
         self.loop: asyncio.AbstractEventLoop | None = None
         # In a forked child: the parent's connections and queued requests, kept (never closed).
         self._inherited: list[Any] = []
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop an ``AsyncClient`` sent its requests on; ``None`` for a ``Client`` or before any request."""
+        """The loop an ``AsyncClient`` sends its requests on; ``None`` for a ``Client`` or before any request."""
         return self.loop
 
     def describe(self) -> str:
@@ -298,9 +298,10 @@ class HttpxDriver(Driver):
         def send(request: Any, **options: Any) -> Any:
             call = _library_send(client)
             borrow = _Request()
+            in_flight.add(borrow)  # before it is lent: refuse() must find it if it queues
             if not keeper.lending or not lend(borrow, borrow):
+                in_flight.discard(borrow)
                 raise keeper.refusal()
-            in_flight.add(borrow)
             token = _sending.set(borrow)
             try:
                 response = call(request, **options)
@@ -322,11 +323,13 @@ class HttpxDriver(Driver):
         async def send(request: Any, **options: Any) -> Any:
             call = _library_send(client)
             borrow = _Request()
+            # The loop its connections live on: the loop of the latest request (a client moved to
+            # a new loop, as across tests, leaves its old connections unusable anyway).
+            self.loop = asyncio.get_running_loop()
+            in_flight.add(borrow)  # before it is lent: refuse() must find it if it queues
             if not keeper.lending or not lend(borrow, borrow):
+                in_flight.discard(borrow)
                 raise keeper.refusal()
-            if self.loop is None:
-                self.loop = asyncio.get_running_loop()
-            in_flight.add(borrow)
             token = _sending.set(borrow)
             try:
                 response = await call(request, **options)
@@ -391,8 +394,6 @@ class HttpxDriver(Driver):
 
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:  # noqa: ARG002 -- aborting never waits
         """Shut down the sockets of the borrowed requests; wake those still queued with the error."""
-        if self._inherited:
-            return
         requests = [borrow.connection for borrow in borrows if isinstance(borrow.connection, _Request)]
         error = functools.partial(_forced_error, self.library, self.keeper.name)
         for request in requests:
