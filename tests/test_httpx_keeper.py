@@ -12,6 +12,7 @@ import gc
 import importlib
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import threading
@@ -256,6 +257,8 @@ def test_new_requests_are_refused_while_draining_and_the_one_in_flight_completes
     assert isinstance(error, lib.HTTPError)
     assert isinstance(error, RuntimeError)  # what httpx raises on a closed client
     assert "'http' is draining" in str(error)
+    copy = pickle.loads(pickle.dumps(error))  # noqa: S301 -- our own error, round-tripped
+    assert (type(copy), copy.keeper, copy.state) == (type(error), "http", "draining")
     refused_quickly(lambda: client.stream("GET", "/fast").__enter__())
 
     http_server.finish()

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
 
-__all__ = ["HttpxDriver", "make_driver"]
+__all__ = ["Httpx2PoolClosedError", "HttpxDriver", "HttpxPoolClosedError", "make_driver"]  # noqa: F822 -- see __getattr__
 
 # -- what this adapter reads from httpx and httpcore, per version line --------------------------
 # Every name below but the public classes is private: httpx and httpcore offer no public access to
@@ -125,6 +125,18 @@ def _library(name: str) -> _Library:
     return found
 
 
+def __getattr__(name: str) -> type[PoolClosedError]:
+    """``HttpxPoolClosedError`` / ``Httpx2PoolClosedError``: the refusal classes, made when first asked for.
+
+    Each subclasses its library's ``HTTPError``, so it exists only once that library is imported.
+    """
+    if name == "HttpxPoolClosedError":
+        return _library("httpx").refusal_class
+    if name == "Httpx2PoolClosedError":
+        return _library("httpx2").refusal_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The request being sent by the current thread or task: how a pool's guard finds its borrow.
 _sending: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("poolkeeper_httpx", default=None)
 
@@ -136,13 +148,12 @@ class _Request:
     streamed response was dropped unclosed and collected.
     """
 
-    __slots__ = ("__weakref__", "core_request", "forced", "pool", "response")
+    __slots__ = ("__weakref__", "core_request", "forced", "response")
 
     def __init__(self) -> None:
-        # The httpcore request of the hop being sent now and the pool it went to (set by the
-        # pool's guard): how refuse() and force_close() find its place in the pool's queue.
+        # The httpcore request of the hop being sent now (set by the pool's guard): how refuse()
+        # and force_close() find its place in the pool's queue.
         self.core_request: Any = None
-        self.pool: Any = None
         self.response: weakref.ref[Any] | None = None
         # Set by the force-close: makes the error the borrower gets instead of whatever the cut socket raised.
         self.forced: Callable[[], Exception] | None = None
@@ -443,7 +454,6 @@ def _noting_pool(pool: Any, entry: str, request: Any) -> Any:
         if borrow.forced is not None:
             raise borrow.forced()
         borrow.core_request = request
-        borrow.pool = pool
     # Looked up on the class at each request: a patch made after wrapping still applies.
     return getattr(type(pool), entry)(pool, request)
 
