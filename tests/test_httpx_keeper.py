@@ -658,3 +658,22 @@ def test_a_forked_childs_close_never_touches_the_parents_connections(lib, tmp_pa
     assert result["after_port"] in {result["warm_port"], slow_port}  # the parent's connections still serve it
     assert result["parent_report"]["ok"] is True
     assert "ResourceWarning" not in completed.stderr
+
+
+def test_an_httpcore_without_the_pool_queue_is_refused_at_wrap_time(lib, monkeypatch, clients):
+    """An httpcore lacking the pool queue's API (as before 1.0.3) makes wrap() name what is missing and the range."""
+    core = importlib.import_module("httpcore" if lib.__name__ == "httpx" else "httpcore2")
+    pool_request = importlib.import_module(f"{core.__name__}._sync.connection_pool").PoolRequest
+    monkeypatch.delattr(pool_request, "assign_to_connection")
+    client = lib.Client()
+    clients.append(client)
+    registry = Registry()
+
+    with pytest.raises(UnsupportedResourceError) as caught:
+        registry.wrap(client, name="http")
+    message = str(caught.value)
+    assert "lacks PoolRequest.assign_to_connection" in message
+    assert f"the installed {lib.__name__} {lib.__version__} (with {core.__name__} " in message
+    assert f"poolkeeper supports {lib.__name__} >=" in message
+    assert registry.keepers == ()
+    assert "send" not in vars(client)
