@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -677,3 +678,52 @@ def test_an_httpcore_without_the_pool_queue_is_refused_at_wrap_time(lib, monkeyp
     assert f"poolkeeper supports {lib.__name__} >=" in message
     assert registry.keepers == ()
     assert "send" not in vars(client)
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[tuple[int, int]]:
+    """A port whose listen queue is full: a new connection's SYN is dropped and its connect hangs, as to a dead host.
+
+    Yields the port and how many sockets this process holds to it before the test connects.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # more than the queue holds: the kernel accepts the first ones, then drops SYNs
+        filler = socket.socket()
+        filler.settimeout(0)  # non-blocking: the connect is only started
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    until(lambda: sockets_to(port) == len(fillers))
+    yield port, len(fillers)
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+@pytest.mark.asyncio
+async def test_an_async_request_still_connecting_is_interrupted_at_the_deadline(lib, unanswered_port, clients):
+    """A request whose connect gets no answer (no timeout set) is interrupted by the deadline with NetworkError."""
+    port, before = unanswered_port
+    client = lib.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None)
+    clients.append(client)
+    registry = Registry(drain_timeout=30, close_timeout=10)
+    registry.wrap(client, name="target")
+    borrower = asyncio.ensure_future(client.get("/"))
+    await auntil(lambda: sockets_to(port) == before + 1)  # the client's socket, in SYN_SENT
+
+    started = time.monotonic()
+    report = await registry.aclose(deadline=DEADLINE)
+    await asyncio.wait([borrower], timeout=2.0)
+    assert time.monotonic() - started < DEADLINE + SLACK
+
+    assert (report["target"].outcome, report["target"].forced) == ("forced", 1)
+    error = borrower.exception()
+    assert isinstance(error, lib.NetworkError)
+    assert "'target' force-closed this request" in str(error)
+    if sys.version_info >= (3, 11):
+        assert borrower.cancelling() == 0  # the force-close's cancellation was taken back
+    await auntil(lambda: sockets_to(port) == before)

@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -148,7 +149,7 @@ class _Request:
     streamed response was dropped unclosed and collected.
     """
 
-    __slots__ = ("__weakref__", "core_request", "forced", "response")
+    __slots__ = ("__weakref__", "cancelled_at", "core_request", "forced", "response", "task")
 
     def __init__(self) -> None:
         # The httpcore request of the hop being sent now (set by the pool's guard): how refuse()
@@ -157,6 +158,10 @@ class _Request:
         self.response: weakref.ref[Any] | None = None
         # Set by the force-close: makes the error the borrower gets instead of whatever the cut socket raised.
         self.forced: Callable[[], Exception] | None = None
+        # An async request's task while it is inside send, and its cancellation count before the
+        # force-close cancelled it (None: never cancelled by us).
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled_at: int | None = None
 
     def __call__(self) -> _Request | None:
         ref = self.response
@@ -194,6 +199,34 @@ def _socket_of(connection: Any) -> int | None:
         if node is None:
             return None
     return None
+
+
+_CANCEL_MESSAGE = "poolkeeper force-close"
+
+if sys.version_info >= (3, 11):
+
+    def _cancel_count(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return task.uncancel()
+
+else:  # no cancellation counting before 3.11: every cancellation after a force-close is ours
+
+    def _cancel_count(task: asyncio.Task[Any]) -> int:  # noqa: ARG001 -- same signature as on 3.11+
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:  # noqa: ARG001
+        return 0
+
+
+def _withdraw_cancel(task: asyncio.Task[Any] | None, cancelled_at: int) -> bool:
+    """Take back the force-close's cancellation of ``task``; True if no one else cancelled it meanwhile.
+
+    This is how ``asyncio.timeout`` tells its own cancellation apart from the task's other ones
+    (the same as the aiohttp adapter's).
+    """
+    return task is None or _uncancel(task) <= cancelled_at
 
 
 def _credentials(header: str) -> list[str]:
@@ -342,15 +375,26 @@ class HttpxDriver(Driver):
                 in_flight.discard(borrow)
                 raise keeper.refusal()
             token = _sending.set(borrow)
+            borrow.task = task = asyncio.current_task()
             try:
                 response = await call(request, **options)
             except BaseException as error:
+                borrow.task = None
                 release(borrow)
-                if borrow.forced is not None:
-                    raise borrow.forced() from error
-                raise
+                forced = borrow.forced
+                if forced is None:
+                    raise
+                if borrow.cancelled_at is not None and not _withdraw_cancel(task, borrow.cancelled_at):
+                    raise  # cancelled by someone else too: that cancellation goes on
+                raise forced() from (None if isinstance(error, asyncio.CancelledError) else error)
             finally:
                 _sending.reset(token)
+            borrow.task = None
+            forced = borrow.forced
+            if forced is not None and borrow.cancelled_at is not None and _withdraw_cancel(task, borrow.cancelled_at):
+                await response.aclose()  # the cancellation was swallowed inside: forced all the same
+                release(borrow)
+                raise forced()
             return self._hand_over(response, borrow, self.library.async_stream)
 
         return send
@@ -383,42 +427,59 @@ class HttpxDriver(Driver):
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is queued any more
                 loop.call_soon_threadsafe(self._answer_queued, requests, self.keeper.refusal)
 
-    def _answer_queued(self, requests: Iterable[_Request], error: Callable[[], BaseException]) -> list[int]:
+    def _answer_queued(
+        self, requests: Iterable[_Request], error: Callable[[], BaseException]
+    ) -> tuple[list[int], set[_Request]]:
         """Hand each queued request of ``requests`` a connection that raises ``error()``.
 
-        Returns the sockets of the others, those already on a connection.
+        Returns the sockets of the others, those already on a connected connection, and every
+        request reached either way.
         """
-        ours = {id(request.core_request) for request in requests if request.core_request is not None}
+        ours = {id(request.core_request): request for request in requests if request.core_request is not None}
         sockets: list[int] = []
+        reached: set[_Request] = set()
         for pool in self.pools:
             with pool._optional_thread_lock:  # noqa: SLF001 -- what httpcore's pool holds to change its queue
                 for pool_request in list(pool._requests):  # noqa: SLF001
-                    if id(pool_request.request) not in ours:
+                    request = ours.get(id(pool_request.request))
+                    if request is None:
                         continue
                     if pool_request.is_queued():
                         pool_request.assign_to_connection(_Refusing(error))
-                    else:
-                        fd = _socket_of(pool_request.connection)
-                        if fd is not None:
-                            sockets.append(fd)
-        return sockets
+                        reached.add(request)
+                        continue
+                    fd = _socket_of(pool_request.connection)
+                    if fd is not None:
+                        sockets.append(fd)
+                        reached.add(request)
+        return sockets, reached
 
     async def force_close(self, borrows: Sequence[Borrow], timeout: float) -> None:  # noqa: ARG002 -- aborting never waits
-        """Shut down the sockets of the borrowed requests; wake those still queued with the error."""
+        """Shut down the sockets of the borrowed requests; wake those still queued with the error.
+
+        An async request with no socket yet (still connecting, or between two hops) is
+        interrupted through its task, the way ``asyncio.timeout`` does it.
+        """
         requests = [borrow.connection for borrow in borrows if isinstance(borrow.connection, _Request)]
         error = functools.partial(_forced_error, self.library, self.keeper.name)
         for request in requests:
             request.forced = error  # before the sockets go: the borrower's error is told apart by it
         if self.is_async:
-            sockets = await run_on_loop(self.loop, self._aanswer_queued(requests, error))
+            sockets = await run_on_loop(self.loop, self._abort_async(requests, error))
         else:
-            sockets = self._answer_queued(requests, error)
+            sockets, _ = self._answer_queued(requests, error)
         for fd in sockets:
             shutdown_socket(fd)  # the borrower's read or write fails at once; httpcore then closes it
 
-    async def _aanswer_queued(self, requests: Iterable[_Request], error: Callable[[], BaseException]) -> list[int]:
-        # A coroutine only to run on the client's loop, where its queued requests wait.
-        return self._answer_queued(requests, error)
+    async def _abort_async(self, requests: Sequence[_Request], error: Callable[[], BaseException]) -> list[int]:
+        # A coroutine only to run on the client's loop, where its queued requests and tasks are.
+        sockets, reached = self._answer_queued(requests, error)
+        for request in requests:
+            task = request.task
+            if task is not None and request not in reached and request.cancelled_at is None:
+                request.cancelled_at = _cancel_count(task)
+                task.cancel(_CANCEL_MESSAGE)
+        return sockets
 
     def forget_inherited(self, borrowed: Sequence[Any]) -> None:  # noqa: ARG002 -- the pools hold them all
         """In a forked child: the parent's connections, idle or in use, are dropped from the pools, never closed.
