@@ -202,6 +202,17 @@ def test_wrap_returns_the_same_client_and_requests_are_borrowed_until_closed(lib
     assert client.is_closed
 
 
+def test_an_applications_subclass_of_client_is_wrapped_like_the_client(lib, http_server, clients):
+    """A subclass of Client defined by the application is managed as its base class is."""
+    app_client = type("AppClient", (lib.Client,), {"__module__": __name__})(base_url=http_server.url)
+    clients.append(app_client)
+    registry = Registry()
+    assert registry.wrap(app_client, name="http") is app_client
+    assert app_client.get("/fast").text == "fast"
+    assert registry["http"].kind == lib.__name__
+    assert registry.close()["http"].outcome == "clean"
+
+
 @pytest.mark.asyncio
 async def test_async_client_requests_are_borrowed_until_closed(lib, http_server, clients):
     """The same for AsyncClient: plain and streamed requests, borrowed until their response is closed."""

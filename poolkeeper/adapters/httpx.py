@@ -584,7 +584,9 @@ def make_driver(resource: Any) -> HttpxDriver:
         UnsupportedResourceError: the client sends through a transport poolkeeper cannot see
             into, or the installed httpx / httpcore lacks a name this adapter needs.
     """
-    library = _library(type(resource).__module__.split(".")[0])
+    # The library whose Client / AsyncClient the object is (or subclasses: an application's own).
+    names = [cls.__module__.split(".")[0] for cls in type(resource).__mro__]
+    library = _library(next((name for name in names if name in SUPPORTED_VERSIONS), names[0]))
     module = library.module
     if not isinstance(resource, (module.Client, module.AsyncClient)):
         raise TypeError(f"expected an {library.name} Client or AsyncClient, got {type(resource).__qualname__}")
