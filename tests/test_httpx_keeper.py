@@ -213,6 +213,23 @@ def test_an_applications_subclass_of_client_is_wrapped_like_the_client(lib, http
     assert registry.close()["http"].outcome == "clean"
 
 
+def test_a_tracked_borrow_site_is_the_line_that_sent_the_request(lib, http_server, clients):
+    """With track_borrowers, a streamed response's borrow site is the application's line, not httpx's."""
+    client = lib.Client(base_url=http_server.url)
+    clients.append(client)
+    registry = Registry(track_borrowers=True)
+    registry.wrap(client, name="http")
+    with client.stream("GET", "/fast"):  # the borrow site
+        [borrower] = registry["http"].borrowers()
+    assert borrower.stack
+    innermost = borrower.stack[-1]
+    assert (innermost.filename, innermost.function) == (
+        __file__,
+        "test_a_tracked_borrow_site_is_the_line_that_sent_the_request",
+    )
+    registry.close()
+
+
 @pytest.mark.asyncio
 async def test_async_client_requests_are_borrowed_until_closed(lib, http_server, clients):
     """The same for AsyncClient: plain and streamed requests, borrowed until their response is closed."""
