@@ -63,8 +63,9 @@ class HttpServer:
 
     async def _start(self) -> None:
         self._finish = asyncio.Event()
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/fast", self.fast)
+        app.router.add_post("/sink", self.sink)
         app.router.add_get("/slow", self.slow)
         app.router.add_get("/stream", self.stream)
         app.router.add_get("/hop", self.hop)
@@ -116,6 +117,9 @@ class HttpServer:
         self._arrive()
         await self._finish.wait()
         return web.Response(text="slow")
+
+    async def sink(self, request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
 
     async def hop(self, _request: web.Request) -> web.Response:
         """Redirects to ``/fast`` at once."""
@@ -507,6 +511,38 @@ def test_a_request_to_a_blackholed_peer_is_aborted_within_the_deadline(lib, prox
 
     item = report["target"]
     assert (item.outcome, item.borrowed_at_start, item.forced) == ("forced", 1, 1)
+    assert isinstance(errors[0], lib.NetworkError)
+    gc.collect()
+    assert sockets_to(proxy.port) == 0
+
+
+def test_an_upload_stuck_on_a_blackholed_peer_is_aborted_within_the_deadline(lib, proxy, clients):
+    """Sync: a POST of 32 MiB blocked writing to a silent peer fails by the deadline and leaves no socket open."""
+    client = lib.Client(base_url=f"http://{proxy.host}:{proxy.port}", timeout=None)
+    clients.append(client)
+    registry = Registry(drain_timeout=30, close_timeout=10)
+    registry.wrap(client, name="target")
+    assert client.get("/fast").text == "fast"
+    proxy.blackhole()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def upload() -> None:
+        try:
+            client.post("/sink", content=b"x" * (32 * 1024 * 1024))
+        except BaseException as error:
+            errors.append(error)
+        done.set()
+
+    threading.Thread(target=upload, daemon=True).start()
+    until(lambda: registry["target"].borrowed == 1)
+    assert not done.wait(0.2)  # the client fills the socket buffers; nothing signals "buffers full"
+
+    started = time.monotonic()
+    report = registry.close(deadline=DEADLINE)
+    assert done.wait(2.0)
+    assert time.monotonic() - started < DEADLINE + SLACK
+    assert report["target"].forced == 1
     assert isinstance(errors[0], lib.NetworkError)
     gc.collect()
     assert sockets_to(proxy.port) == 0
