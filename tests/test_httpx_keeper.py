@@ -360,7 +360,9 @@ def test_requests_queued_on_the_pool_limit_wake_with_the_refusal(lib, http_serve
     slow.join(timeout=5)
     report = registry.report
     assert report is not None
-    assert report["http"].outcome == "clean"
+    # The queued request never had a connection: a refusal, not a borrow.
+    assert (report["http"].outcome, report["http"].borrowed_at_start, report["http"].returned) == ("clean", 1, 1)
+    assert registry["http"].refused == 1
 
 
 @pytest.mark.asyncio
@@ -383,7 +385,9 @@ async def test_async_requests_queued_on_the_pool_limit_wake_with_the_refusal(lib
     assert not slow.done()
     http_server.finish()
     assert (await slow).text == "slow"
-    assert (await closing)["http"].outcome == "clean"
+    report = await closing
+    assert (report["http"].outcome, report["http"].borrowed_at_start, report["http"].returned) == ("clean", 1, 1)
+    assert registry["http"].refused == 1
 
 
 # -- force-close --------------------------------------------------------------------------------------

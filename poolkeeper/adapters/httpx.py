@@ -149,7 +149,7 @@ class _Request:
     streamed response was dropped unclosed and collected.
     """
 
-    __slots__ = ("__weakref__", "cancelled_at", "core_request", "forced", "response", "task")
+    __slots__ = ("__weakref__", "cancelled_at", "core_request", "forced", "refused", "response", "task")
 
     def __init__(self) -> None:
         # The httpcore request of the hop being sent now (set by the pool's guard): how refuse()
@@ -158,6 +158,8 @@ class _Request:
         self.response: weakref.ref[Any] | None = None
         # Set by the force-close: makes the error the borrower gets instead of whatever the cut socket raised.
         self.forced: Callable[[], Exception] | None = None
+        # Set by refuse() when it wakes the request in the pool's queue: it never had a connection.
+        self.refused = False
         # An async request's task while it is inside send, and its cancellation count before the
         # force-close cancelled it (None: never cancelled by us).
         self.task: asyncio.Task[Any] | None = None
@@ -335,8 +337,12 @@ class HttpxDriver(Driver):
         self.in_flight.discard(request)
         self.keeper.checkin(request)
 
+    def _withdraw(self, request: _Request) -> None:
+        self.in_flight.discard(request)
+        self.keeper.withdraw(request)
+
     def _sync_send(self, keeper: Keeper) -> Callable[..., Any]:
-        client, release = self.client, self._release
+        client, release, withdraw = self.client, self._release, self._withdraw
         lend, in_flight = keeper.lend, self.in_flight
 
         def send(request: Any, **options: Any) -> Any:
@@ -350,6 +356,9 @@ class HttpxDriver(Driver):
             try:
                 response = call(request, **options)
             except BaseException as error:
+                if borrow.refused:  # woken in the pool's queue: a refused checkout, never a borrow
+                    withdraw(borrow)
+                    raise
                 release(borrow)
                 if borrow.forced is not None:
                     raise borrow.forced() from error
@@ -361,7 +370,7 @@ class HttpxDriver(Driver):
         return send
 
     def _async_send(self, keeper: Keeper) -> Callable[..., Any]:
-        client, release = self.client, self._release
+        client, release, withdraw = self.client, self._release, self._withdraw
         lend, in_flight = keeper.lend, self.in_flight
 
         async def send(request: Any, **options: Any) -> Any:
@@ -380,6 +389,9 @@ class HttpxDriver(Driver):
                 response = await call(request, **options)
             except BaseException as error:
                 borrow.task = None
+                if borrow.refused:  # woken in the pool's queue: a refused checkout, never a borrow
+                    withdraw(borrow)
+                    raise
                 release(borrow)
                 forced = borrow.forced
                 if forced is None:
@@ -420,15 +432,18 @@ class HttpxDriver(Driver):
         if not requests:
             return
         if not self.is_async:
-            self._answer_queued(requests, self.keeper.refusal)
+            self._refuse_queued(requests)
             return
         loop = self.loop
         if loop is not None:  # queued requests live on the client's loop: woken there
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is queued any more
-                loop.call_soon_threadsafe(self._answer_queued, requests, self.keeper.refusal)
+                loop.call_soon_threadsafe(self._refuse_queued, requests)
+
+    def _refuse_queued(self, requests: Iterable[_Request]) -> None:
+        self._answer_queued(requests, self.keeper.refusal, refusing=True)
 
     def _answer_queued(
-        self, requests: Iterable[_Request], error: Callable[[], BaseException]
+        self, requests: Iterable[_Request], error: Callable[[], BaseException], *, refusing: bool = False
     ) -> tuple[list[int], set[_Request]]:
         """Hand each queued request of ``requests`` a connection that raises ``error()``.
 
@@ -445,6 +460,7 @@ class HttpxDriver(Driver):
                     if request is None:
                         continue
                     if pool_request.is_queued():
+                        request.refused = refusing
                         pool_request.assign_to_connection(_Refusing(error))
                         reached.add(request)
                         continue
