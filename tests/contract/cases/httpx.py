@@ -44,8 +44,11 @@ class HttpxSubject(Subject):
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        self.client = httpx.AsyncClient(  # noqa: S113 -- a borrower waits for the force-close, not httpx's 5 s
-            limits=httpx.Limits(max_connections=SIZE), headers={"Authorization": f"Bearer {SECRET}"}, timeout=None
+        # No timeout: a borrower waits for the force-close, not for httpx's 5 s.
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=SIZE),
+            headers={"Authorization": f"Bearer {SECRET}"},
+            timeout=None,  # noqa: S113 -- see above
         )
         self.resource = self.client
         return self
