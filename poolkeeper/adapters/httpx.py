@@ -13,12 +13,13 @@ tells the borrow which pool request it is. So that:
   the body is read to its end; a streamed response dropped unclosed comes back through the
   garbage collector (counted as a leak);
 * requests queued inside httpcore's pool for a free connection (``Limits.max_connections``)
-  when closing starts are woken at once with the refusal; requests already on a connection
-  complete within the drain;
+  when closing starts are woken at once with the refusal, and withdrawn (``Keeper.withdraw``):
+  a refusal, not a borrow; requests already on a connection complete within the drain;
 * at the deadline, every borrowed request's socket is shut down (``shutdown(2)``, which wakes
   a blocked reader or writer at once and waits for nothing from the peer): the caller gets
   :class:`httpx.NetworkError` saying poolkeeper force-closed it, from ``send`` or from its next
-  read of a streamed body; a request still queued for a connection gets the same error;
+  read of a streamed body; a request still queued for a connection gets the same error, and an
+  async one with no socket yet (still connecting) is interrupted through its task;
 * the client is closed with ``Client.close()`` / ``AsyncClient.aclose()``, which closes every
   connection of every transport's pool.
 
