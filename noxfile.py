@@ -26,6 +26,8 @@ COMPAT_LIBRARIES = (
     "asyncpg",
     "redis",
     "aiohttp",
+    "httpx",
+    "httpcore",
     "psycopg",
     "psycopg-pool",
     "fastapi",
@@ -53,6 +55,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "mysqlclient==2.2.0",
         "aiomysql==0.2.0",
         "asyncmy==0.2.9",
+        "httpcore==1.0.5",
     ),
     "previous": (
         "sqlalchemy==2.0.58",
@@ -60,6 +63,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "asyncpg==0.30.0",
         "redis==6.4.0",
         "aiohttp==3.12.15",
+        "httpx==0.27.2",
         "psycopg[binary]==3.2.13",
         "psycopg-pool==3.2.8",
         "fastapi==0.164.0",
@@ -85,6 +89,7 @@ COMPAT_TESTS = (
     "tests/test_redis_asyncio_keeper.py",
     "tests/test_aiohttp_keeper.py",
     "tests/test_psycopg_pool_keeper.py",
+    "tests/test_httpx_keeper.py",
     "tests/test_compat.py",
     "tests/test_registration.py",
     "tests/contract",  # the shared behaviour suite: every adapter, same tests

@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import bench_aiohttp, bench_asyncpg, bench_psycopg_pool, bench_redis, bench_shutdown, bench_sqlalchemy
+from benchmarks import (
+    bench_aiohttp,
+    bench_asyncpg,
+    bench_httpx,
+    bench_psycopg_pool,
+    bench_redis,
+    bench_shutdown,
+    bench_sqlalchemy,
+)
 from benchmarks._machine import Machine
 from benchmarks._report import console_header, console_line, markdown
 
@@ -32,6 +40,7 @@ SUITES: dict[str, Callable[[], Sequence[Row]]] = {
     "redis": bench_redis.run,
     "aiohttp": bench_aiohttp.run,
     "psycopg_pool": bench_psycopg_pool.run,
+    "httpx": bench_httpx.run,
     "shutdown": bench_shutdown.run,
 }
 

@@ -15,7 +15,7 @@ import redis
 
 from benchmarks.bench_shutdown import PG_URL, REDIS_URL
 
-LIBRARIES = ("poolkeeper", "SQLAlchemy", "psycopg", "asyncpg", "redis", "hiredis", "aiohttp")
+LIBRARIES = ("poolkeeper", "SQLAlchemy", "psycopg", "asyncpg", "redis", "hiredis", "aiohttp", "httpx", "httpcore")
 
 
 def _cpu_model() -> str:

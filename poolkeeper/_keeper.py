@@ -259,6 +259,20 @@ class Keeper:
             self._borrows.pop(connection, None)
             return False
 
+    def withdraw(self, connection: Any) -> None:
+        """Take back the lend of ``connection``: its checkout was refused after all, it was never used.
+
+        For adapters that lend before the library's own queue (an httpx request is lent from
+        ``send`` on) and whose queued checkout is then woken with the refusal: it never had a
+        connection, so it is neither a borrow nor a return in the report, only a refusal.
+        """
+        if self._lock.entered_here:  # a finaliser interrupted this thread's critical section
+            self._lock.defer(functools.partial(self.withdraw, connection))
+            return
+        with self._lock:
+            self._borrows.pop(connection, None)
+            self._wake_if_drained()
+
     def checkin(self, connection: Any) -> None:
         """``connection`` came back (from its borrower, or from the garbage collector)."""
         if self._state is _OPEN:

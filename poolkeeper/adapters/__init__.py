@@ -61,6 +61,10 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
         "poolkeeper.adapters.psycopg_pool",
         "psycopg_pool AsyncNullConnectionPool",
     ),
+    "httpx.Client": ("poolkeeper.adapters.httpx", "httpx Client"),
+    "httpx.AsyncClient": ("poolkeeper.adapters.httpx", "httpx AsyncClient"),
+    "httpx2.Client": ("poolkeeper.adapters.httpx", "httpx2 Client"),
+    "httpx2.AsyncClient": ("poolkeeper.adapters.httpx", "httpx2 AsyncClient"),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.
