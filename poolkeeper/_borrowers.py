@@ -34,6 +34,8 @@ _PLUMBING_MODULES = (
     "asyncpg.",
     "redis.",
     "aiohttp.",
+    "aio_pika.",
+    "aiormq.",
     "asyncio.",
     "greenlet",
     "contextlib",
@@ -245,7 +247,7 @@ class Borrow:
         """``time.monotonic()`` at checkout."""
         return float(self.entry[0])
 
-    def view(self, keeper: str, *, returned_by_gc: bool = False) -> Borrower:
+    def view(self, keeper: str, *, returned_by_gc: bool = False, detail: str | None = None) -> Borrower:
         """The public, immutable view of this borrow."""
         entry = self.entry
         held = time.monotonic() - entry[0]
@@ -258,6 +260,7 @@ class Borrow:
             task=entry[4].get_name() if tracked and entry[4] is not None else None,
             stack=_frames(entry[2]) if tracked else None,
             returned_by_gc=returned_by_gc,
+            detail=detail,
         )
 
 
@@ -275,6 +278,8 @@ class Borrower:
             line and at most 3 callers), or ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
+        detail: what was borrowed, when the adapter says (a message consumer: the queue and
+            delivery tag of the message), else ``None``.
     """
 
     keeper: str
@@ -284,6 +289,7 @@ class Borrower:
     task: str | None
     stack: tuple[Frame, ...] | None
     returned_by_gc: bool = False
+    detail: str | None = None
 
     @property
     def site(self) -> str | None:
@@ -299,7 +305,8 @@ class Borrower:
         who = ", ".join(
             part for part in (self.thread and f"thread {self.thread}", self.task and f"task {self.task}") if part
         )
-        lines = [f"{self.keeper}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        what = f" ({self.detail})" if self.detail else ""
+        lines = [f"{self.keeper}{what}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
         if self.stack is None:
             lines.append("  borrow site unknown: enable track_borrowers=True to record it")
         else:
@@ -318,4 +325,5 @@ class Borrower:
             "site": self.site,
             "stack": None if self.stack is None else [str(frame) for frame in self.stack],
             "returned_by_gc": self.returned_by_gc,
+            "detail": self.detail,
         }

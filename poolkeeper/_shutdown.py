@@ -127,6 +127,15 @@ def _driver_target(keeper: Keeper, secrets: Sequence[str] | None, errors: list[s
         return None
 
 
+def _borrow_detail(keeper: Keeper, connection: object) -> str | None:
+    """``keeper.driver.describe_borrow(connection)``; ``None`` if the driver cannot say."""
+    try:
+        return keeper.driver.describe_borrow(connection)
+    except Exception:  # a report without the detail beats no report
+        logger.debug("poolkeeper %r: describe_borrow failed", keeper.name, exc_info=True)
+        return None
+
+
 def _reserve(item: Item, deadline_seconds: float | None) -> float:
     if deadline_seconds is None:
         return 0.0
@@ -204,7 +213,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         borrows = keeper.start_forcing()
         # Checkouts still connecting are cut too: lend() refuses them when they land.
         forced = len(borrows) + keeper.checkouts_in_flight
-        leaks = tuple(borrow.view(keeper.name) for borrow in borrows)
+        leaks = tuple(borrow.view(keeper.name, detail=_borrow_detail(keeper, borrow.connection)) for borrow in borrows)
         if borrows:
             # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
             # gets the minimum an abort needs, like closing the connections below.

@@ -23,6 +23,7 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "redis.client.Redis": ("poolkeeper.adapters.redis", "redis-py Redis"),
     "redis.asyncio.client.Redis": ("poolkeeper.adapters.redis", "redis.asyncio Redis"),
     "aiohttp.client.ClientSession": ("poolkeeper.adapters.aiohttp", "aiohttp ClientSession"),
+    "aio_pika.connection.Connection": ("poolkeeper.adapters.aio_pika", "aio-pika Connection/RobustConnection"),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.
