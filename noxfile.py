@@ -30,6 +30,8 @@ COMPAT_LIBRARIES = (
     "fastapi",
     "starlette",
     "uvicorn",
+    "aio-pika",
+    "aiormq",
 )
 COMPAT_SETS: dict[str, tuple[str, ...]] = {
     "floor": (
@@ -43,6 +45,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "starlette==0.36.3",
         "uvicorn==0.29.0",
         "httpx==0.27.2",  # Starlette 0.36's TestClient passes app= to httpx.Client, gone in httpx 0.28
+        "aio-pika==9.4.0",  # its aiormq (6.8.x) comes with it
     ),
     "previous": (
         "sqlalchemy==2.0.58",
@@ -54,6 +57,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "fastapi==0.164.0",
         "starlette==1.9.0",
         "uvicorn==0.53.0",
+        "aio-pika==10.1.2",
     ),
     "latest": (),
 }
@@ -78,6 +82,8 @@ COMPAT_TESTS = (
     "tests/test_hooks.py",
     "tests/test_fastapi.py",
     "tests/test_pytest_plugin.py",
+    "tests/test_aio_pika_keeper.py",
+    "tests/test_consumer_shutdown.py",
 )
 
 _PRINT_VERSIONS = """
