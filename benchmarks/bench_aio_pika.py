@@ -58,7 +58,7 @@ async def consume_overhead() -> Result:
     try:
         await seconds_per_message(channels["raw"], name, publisher)  # warm up both paths
         await seconds_per_message(channels["wrapped"], name, publisher)
-        for round_number in range(15):
+        for round_number in range(31):
             # Which goes first alternates: the order alone moves a loaded machine's figures by a few %.
             order = ("wrapped", "raw") if round_number % 2 else ("raw", "wrapped")
             for label in order:

@@ -36,6 +36,7 @@ _PLUMBING_MODULES = (
     "aiohttp.",
     "aio_pika.",
     "aiormq.",
+    "nats.",
     "asyncio.",
     "greenlet",
     "contextlib",

@@ -193,3 +193,19 @@ def amqp_url(request: pytest.FixtureRequest) -> str:
     if problem is not None:
         _unavailable(request.config, f"RabbitMQ (POOLKEEPER_AMQP_URL) is not available: {problem}")
     return url
+
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+os.environ.setdefault("POOLKEEPER_NATS_URL", DEFAULT_NATS_URL)
+
+
+@pytest.fixture(scope="session")
+def nats_url(request: pytest.FixtureRequest) -> str:
+    """NATS with JetStream (``POOLKEEPER_NATS_URL``); fails when down under ``--poolkeeper-require-services``."""
+    from poolkeeper.pytest_plugin import _unavailable  # noqa: PLC0415 -- the plugin's own skip-or-fail rule
+
+    url = os.environ["POOLKEEPER_NATS_URL"]
+    problem = _answers(url, 4222)
+    if problem is not None:
+        _unavailable(request.config, f"NATS (POOLKEEPER_NATS_URL) is not available: {problem}")
+    return url

@@ -24,6 +24,7 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "redis.asyncio.client.Redis": ("poolkeeper.adapters.redis", "redis.asyncio Redis"),
     "aiohttp.client.ClientSession": ("poolkeeper.adapters.aiohttp", "aiohttp ClientSession"),
     "aio_pika.connection.Connection": ("poolkeeper.adapters.aio_pika", "aio-pika Connection/RobustConnection"),
+    "nats.aio.client.Client": ("poolkeeper.adapters.nats", "nats-py Client"),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.

@@ -382,7 +382,7 @@ class AioPikaDriver(Driver):
             self.connection.__class__ = self._library_class
         vars(self.connection).pop("_poolkeeper_driver", None)
 
-    def wrap_callback(self, queue: Any, callback: Callable[..., Awaitable[Any]], *, no_ack: bool) -> Any:
+    def wrap_callback(self, queue: Any, callback: Callable[..., Awaitable[Any]], *, no_ack: bool) -> Any:  # noqa: C901 -- the closure's branches are the cases of one delivery
         """``callback`` wrapped so that each message it handles is a borrow until acknowledged."""
         if getattr(callback, "_poolkeeper_delivery", False):
             return callback  # RobustQueue.restore() consuming again with the callback it was given
@@ -394,6 +394,7 @@ class AioPikaDriver(Driver):
             return callback  # nothing to give back, and the iterating task is no borrow of ours
         queue_name = queue.name
         current_task = asyncio.current_task
+        watched: list[Any] = [None]  # the channel this consumer's last message came on
 
         async def on_message(message: IncomingMessage) -> Any:
             if not keeper.lending:
@@ -411,8 +412,10 @@ class AioPikaDriver(Driver):
                 await self.give_back(message)
                 return None
             channel = delivery.channel
-            if channel not in self._watched:
-                self._watch(channel)
+            if channel is not watched[0]:  # one channel per consumer, almost always: skip the WeakSet
+                watched[0] = channel
+                if channel not in self._watched:
+                    self._watch(channel)
             if not no_ack:
                 return await callback(message)
             try:
