@@ -9,14 +9,17 @@ queue, ready, and a second consumer started afterwards receives exactly those.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
+import nats
 import pytest
 
 from tests.programs.child import Child
@@ -142,3 +145,89 @@ def test_a_handler_hanging_past_the_deadline_is_requeued_and_reported(amqp_url, 
     rest = dict(stream.second_consumer())
     assert sorted(rest) == sorted(set(bodies) - set(done))
     assert rest["hang"] is True  # redelivered: it had been delivered to the worker before
+
+
+class JetStream:
+    """A JetStream stream of the test's own, deleted at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = f"PKSTREAM{uuid.uuid4().hex[:10].upper()}"
+        self.subject = f"pk.{self.name}"
+
+    async def _run(self, work: Any) -> Any:
+        client = await nats.connect(self.url)
+        try:
+            return await work(client.jetstream())
+        finally:
+            await client.close()
+
+    def create(self, bodies: list[str]) -> None:
+        async def work(js: Any) -> None:
+            await js.add_stream(name=self.name, subjects=[self.subject])
+            for body in bodies:
+                await js.publish(self.subject, body.encode())
+
+        asyncio.run(self._run(work))
+
+    def second_consumer(self, count: int) -> tuple[list[str], float]:
+        """What a new subscriber on the worker's durable consumer receives, and how long the last took to come."""
+
+        async def work(js: Any) -> tuple[list[str], float]:
+            got: list[str] = []
+            done = asyncio.Event()
+
+            async def collect(message: Any) -> None:
+                got.append(message.data.decode())
+                await message.ack()
+                if len(got) >= count:
+                    done.set()
+
+            started = time.monotonic()
+            await js.subscribe(self.subject, durable="worker", cb=collect, manual_ack=True)
+            # ack_wait is 60 s: anything left unacked by the worker would take that long to come back.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 10)
+            took = time.monotonic() - started
+            await asyncio.sleep(0.5)  # nothing more may come: a double delivery would show here
+            info = await js.consumer_info(self.name, "worker")
+            assert (info.num_ack_pending, info.num_pending) == (0, 0)
+            return got, took
+
+        return asyncio.run(self._run(work))  # type: ignore[no-any-return]
+
+    def delete(self) -> None:
+        async def work(js: Any) -> None:
+            await js.delete_stream(self.name)
+
+        asyncio.run(self._run(work))
+
+
+@pytest.fixture
+def jetstream(nats_url: str) -> Iterator[JetStream]:
+    stream = JetStream(nats_url)
+    yield stream
+    stream.delete()
+
+
+def test_sigterm_mid_stream_loses_nothing_on_nats_jetstream(nats_url, jetstream):
+    """The same with a JetStream push consumer: acked exactly once, or redelivered at once to the next consumer."""
+    count = 80
+    bodies = [f"m{i}" for i in range(count)]
+    jetstream.create(bodies)
+    child = Child("nats_consumer_program.py", nats_url, jetstream.name, jetstream.subject)
+    try:
+        child.expect("main: ready")
+        for _ in range(random.randint(1, count - 20)):  # noqa: S311 -- a random point, not security
+            child.expect("acked ")
+        child.send(signal.SIGTERM)
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+    done = acked(child.output)
+    assert len(done) == len(set(done)), "a message was acked twice"
+    report = report_of(child.output)["items"][0]
+    assert (report["outcome"], report["forced"]) == ("clean", 0)
+    rest, took = jetstream.second_consumer(count - len(done))
+    assert sorted(rest) == sorted(set(bodies) - set(done))
+    assert took < 10  # given back (nak), not left to ack_wait (60 s)
