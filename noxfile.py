@@ -32,6 +32,7 @@ COMPAT_LIBRARIES = (
     "uvicorn",
     "aio-pika",
     "aiormq",
+    "nats-py",
 )
 COMPAT_SETS: dict[str, tuple[str, ...]] = {
     "floor": (
@@ -46,6 +47,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "uvicorn==0.29.0",
         "httpx==0.27.2",  # Starlette 0.36's TestClient passes app= to httpx.Client, gone in httpx 0.28
         "aio-pika==9.4.0",  # its aiormq (6.8.x) comes with it
+        "nats-py==2.7.0",
     ),
     "previous": (
         "sqlalchemy==2.0.58",
@@ -58,6 +60,7 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "starlette==1.9.0",
         "uvicorn==0.53.0",
         "aio-pika==10.1.2",
+        "nats-py==2.15.0",
     ),
     "latest": (),
 }
@@ -84,6 +87,7 @@ COMPAT_TESTS = (
     "tests/test_pytest_plugin.py",
     "tests/test_aio_pika_keeper.py",
     "tests/test_consumer_shutdown.py",
+    "tests/test_nats_keeper.py",
 )
 
 _PRINT_VERSIONS = """

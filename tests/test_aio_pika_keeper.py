@@ -394,3 +394,14 @@ async def test_the_password_never_reaches_the_report(amqp_url):
     assert report["mq"].target is not None
     assert "guest:" not in text
     assert report["mq"].target.startswith("amqp://127.0.0.1")
+
+
+async def test_a_closed_connection_is_refused_naming_the_argument(connect):
+    """Wrapping a closed connection raises ValueError naming ``resource``; nothing is registered or changed."""
+    registry = Registry()
+    connection = await connect(robust=False)
+    await connection.close()
+    with pytest.raises(ValueError, match="resource: this aio-pika connection is already closed"):
+        registry.wrap(connection)
+    assert len(registry) == 0
+    assert type(connection) is aio_pika.Connection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -196,3 +197,27 @@ async def test_client_close_drains_and_does_not_reconnect(client, stream):
     await asyncio.sleep(0.5)
     assert client.is_closed
     assert not client.is_reconnecting
+
+
+async def test_a_closed_client_is_refused_naming_the_argument(nats_url):
+    """Wrapping a closed client raises ValueError naming ``resource``; nothing is registered or changed."""
+    registry = Registry()
+    closed = await nats.connect(nats_url)
+    await closed.close()
+    with pytest.raises(ValueError, match="resource: this nats Client is already closed"):
+        registry.wrap(closed)
+    assert len(registry) == 0
+    assert type(closed) is Client
+
+
+async def test_the_password_never_reaches_the_report_or_the_logs(nats_url, caplog):
+    """A password in the server URL is in neither the keeper's target, the report nor the log records."""
+    caplog.set_level(logging.DEBUG)
+    secret = "pk-s3cret-" + uuid.uuid4().hex[:6]
+    url = nats_url.replace("nats://", f"nats://pkuser:{secret}@")
+    registry = Registry(drain_timeout=0)
+    client = registry.wrap(await nats.connect(url), name="nats")
+    report = await registry.aclose()
+    assert client.is_closed
+    assert report["nats"].target == nats_url.rstrip("/")
+    assert secret not in str(report) + repr(report.to_dict()) + caplog.text
