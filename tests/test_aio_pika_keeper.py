@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from yarl import URL
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.waiting import auntil
@@ -88,10 +89,11 @@ async def connect(amqp_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Opens a (robust, by default) connection with a unique name; closes whatever is left open."""
     opened: list[aio_pika.abc.AbstractConnection] = []
 
-    async def make(*, robust: bool = True, query: str = "") -> Any:
+    async def make(*, robust: bool = True, **query: str) -> Any:
         name = f"pk-test-{uuid.uuid4().hex[:12]}"
         factory = aio_pika.connect_robust if robust else aio_pika.connect
-        connection = await factory(amqp_url + query, client_properties={"connection_name": name})
+        # The name rides in the URL (aio-pika's own way, in every version) as client property connection_name.
+        connection = await factory(str(URL(amqp_url).update_query(name=name, **query)))
         connection.test_name = name  # type: ignore[attr-defined]  # the name rabbitmqctl shows
         opened.append(connection)
         return connection
@@ -370,7 +372,7 @@ async def test_connection_close_drains_like_the_registry(connect, broker):
 async def test_a_robust_connection_does_not_reconnect_after_close(connect, broker):
     """After the keeper closed a RobustConnection the broker lists no connection of it, reconnect interval or not."""
     registry = Registry()
-    connection = registry.wrap(await connect(query="?reconnect_interval=0.2"), name="mq")
+    connection = registry.wrap(await connect(reconnect_interval="0.2"), name="mq")
     channel = await connection.channel()
     name = await broker.queue()
     queue = await channel.declare_queue(name, passive=True)

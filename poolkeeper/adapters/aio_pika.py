@@ -60,13 +60,15 @@ logger = logging.getLogger("poolkeeper.aio_pika")
 # raise UnsupportedResourceError, never a shutdown fail halfway.
 #
 #   Connection.channel(), .close(), .loop,      9.4+  channel() is sync and returns the channel
-#     .transport, .url                                 unopened: its class attributes are set before
+#     .transport, .url, .is_closed                     unopened: its class attributes are set before
 #                                                      it opens
+#   Connection._close_called                    9.4+  (10.x adds the public close_called over it)
 #   Channel.QUEUE_CLASS, .EXCHANGE_CLASS,       9.4+  read by declare_queue/get_queue/declare_exchange
 #     ._connection                                     and by the default exchange as the channel opens
 #   Queue.consume(callback, no_ack, ...),       9.4+  RobustQueue.restore() calls consume() again with
 #     .cancel(tag), .iterator(), .name                 the callback it was given: ours, already wrapped
-#   QueueIterator.close(), .on_message          9.4+  close() cancels the consumer and nacks its buffer
+#   QueueIterator.on_message, ._queue,          9.4+  its consumer callback, its buffer (an
+#     ._amqp_queue                                     asyncio.Queue, emptied by the close), its queue
 #   IncomingMessage.ack/nack/reject, .channel,  9.4+  (the class uses __slots__: the guarded subclass
 #     .delivery_tag, .processed                        adds none, so __class__ assignment works)
 #   aiormq Channel.basic_nack, .closing         aiormq 6.8+
@@ -82,7 +84,6 @@ _REQUIRED: tuple[tuple[Any, str], ...] = (
     (aio_pika.Queue, "consume"),
     (aio_pika.Queue, "cancel"),
     (aio_pika.Queue, "iterator"),
-    (QueueIterator, "close"),
     (QueueIterator, "on_message"),
     (IncomingMessage, "processed"),
 )
@@ -296,6 +297,11 @@ def _iterator_guard(base: type[Any]) -> type[Any]:
 
     class GuardedQueueIterator(base):  # type: ignore[misc]  # a library class chosen at run time
         async def __anext__(self) -> Any:
+            driver = _channel_driver(self._amqp_queue.channel)
+            if driver is not None and not driver.keeper.lending:
+                # Closing started: the consumer is cancelled and the buffer given back. aio-pika 9.x
+                # would wait for a next message forever; 10.x wakes when the channel closes.
+                raise StopAsyncIteration
             message = await super().__anext__()
             delivery = _OUT.get(message)
             if delivery is not None:
@@ -367,7 +373,8 @@ class AioPikaDriver(Driver):
         """Give the connection its guarded class; nothing is left behind if that fails."""
         super().attach(keeper)
         connection = self.connection
-        if connection.is_closed or connection.close_called:
+        # close_called is public from aio-pika 10; the attribute behind it is there from 9.4 on.
+        if connection.is_closed or getattr(connection, "_close_called", False):
             raise ValueError("resource: this aio-pika connection is already closed")
         vars(connection)["_poolkeeper_driver"] = self
         try:
@@ -478,22 +485,23 @@ class AioPikaDriver(Driver):
             self._stopping = asyncio.ensure_future(self._stop_consuming())
 
     async def _stop_consuming(self) -> None:
-        # Iterators first: their close() cancels their consumer and nacks what waits in their buffer.
-        iterators = list(self.iterators)
-        results = await asyncio.gather(*(iterator.close() for iterator in iterators), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                logger.debug("poolkeeper %r: closing a queue iterator failed: %r", self.keeper.name, result)
         consumers = list(self.consumers.items())
         await asyncio.gather(*(self.cancel_consumer(tag, queue) for tag, queue in consumers))
         self._stopped = True
         held, self._held = self._held, []
+        # What waits in a queue iterator's buffer goes back one by one. Not through the iterator's
+        # close(): aio-pika 9.x nacks its buffer with multiple=True, which also gives back the
+        # message a handler is working on (every lower delivery tag on the channel).
+        for iterator in list(self.iterators):
+            buffer = iterator._queue  # noqa: SLF001 -- see the table at the top
+            while not buffer.empty():
+                held.append(buffer.get_nowait())
         for message in held:
             await self._nack(message)
         logger.info(
             "poolkeeper %r: %d consumer(s) cancelled on the broker, %d undelivered message(s) given back",
             self.keeper.name,
-            len(consumers) + len(iterators),
+            len(consumers),
             len(held),
             extra={"poolkeeper_keeper": self.keeper.name},
         )
