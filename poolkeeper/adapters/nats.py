@@ -54,20 +54,22 @@ logger = logging.getLogger("poolkeeper.nats")
 
 # -- what this adapter reads from nats-py, per version line -----------------------------------
 #
-#   Client.msg_class                       2.2+   the class of every received message (set on the
+#   Client.msg_class                       2.7+   the class of every received message (set on the
 #                                                 guarded client class to a guarded Msg subclass)
-#   Client._request_sub_callback           2.2+   the request multiplexer's own subscription, which
+#   Client._build_message                  2.7+   where a received message becomes a borrow
+#   Client._request_sub_callback           2.7+   the request multiplexer's own subscription, which
 #                                                 is never refused (JetStream API calls use it)
-#   Client._send_unsubscribe(sid)          2.2+   UNSUB without stopping the subscription's task
-#   Client._subs, Subscription._id,        2.2+   the subscriptions and their buffers
+#   Client._send_unsubscribe(sid)          2.7+   UNSUB without stopping the subscription's task
+#   Client._subs, Subscription._id,        2.7+   the subscriptions and their buffers
 #     ._pending_queue, ._pending_size, ._cb
-#   Msg.reply, ._ackd, .metadata           2.2+
+#   Msg.reply, ._ackd, .metadata           2.7+
 
 #: The nats-py versions this adapter is tested with.
 SUPPORTED_VERSIONS = ">=2.7.0"
 
 _REQUIRED: tuple[tuple[Any, str], ...] = (
     (Client, "msg_class"),
+    (Client, "_build_message"),
     (Client, "_request_sub_callback"),
     (Client, "_send_unsubscribe"),
     (Msg, "ack_sync"),
