@@ -27,9 +27,14 @@ COMPAT_LIBRARIES = (
     "redis",
     "aiohttp",
     "psycopg",
+    "psycopg-pool",
     "fastapi",
     "starlette",
     "uvicorn",
+    "pymysql",
+    "mysqlclient",
+    "aiomysql",
+    "asyncmy",
     "aio-pika",
     "aiormq",
     "nats-py",
@@ -42,10 +47,15 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "redis==5.0.8",
         "aiohttp==3.9.5",
         "psycopg[binary]==3.1.20",
+        "psycopg-pool==3.2.0",
         "fastapi==0.110.0",
         "starlette==0.36.3",
         "uvicorn==0.29.0",
         "httpx==0.27.2",  # Starlette 0.36's TestClient passes app= to httpx.Client, gone in httpx 0.28
+        "pymysql==1.1.0",
+        "mysqlclient==2.2.0",
+        "aiomysql==0.2.0",
+        "asyncmy==0.2.9",
         "aio-pika==9.4.0",  # its aiormq (6.8.x) comes with it
         "nats-py==2.7.0",
     ),
@@ -56,9 +66,14 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "redis==6.4.0",
         "aiohttp==3.12.15",
         "psycopg[binary]==3.2.13",
+        "psycopg-pool==3.2.8",
         "fastapi==0.164.0",
         "starlette==1.9.0",
         "uvicorn==0.53.0",
+        "pymysql==1.1.3",
+        "mysqlclient==2.2.8",
+        "aiomysql==0.2.0",  # aiomysql's previous minor line (0.2) has one release
+        "asyncmy==0.2.17",  # asyncmy has one minor line (0.2): the release before the newest
         "aio-pika==10.1.2",
         "nats-py==2.15.0",
     ),
@@ -71,12 +86,15 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
 COMPAT_TESTS = (
     "tests/test_sqlalchemy_sync.py",
     "tests/test_sqlalchemy_async.py",
+    "tests/test_sqlalchemy_mysql.py",
     "tests/test_asyncpg_keeper.py",
     "tests/test_redis_keeper.py",
     "tests/test_redis_asyncio_keeper.py",
     "tests/test_aiohttp_keeper.py",
+    "tests/test_psycopg_pool_keeper.py",
     "tests/test_compat.py",
     "tests/test_registration.py",
+    "tests/contract",  # the shared behaviour suite: every adapter, same tests
     "tests/test_shutdown_order.py",
     "tests/test_cancellation.py",
     "tests/test_report.py",
@@ -126,7 +144,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Mypy --strict over the library, the tests and the benchmarks."""
+    """Mypy --strict over the library, the integrations (examples), the tests and the benchmarks."""
     session.install("-e", ".[all,dev]", "nox")
     session.run("mypy")
 

@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import bench_aio_pika, bench_aiohttp, bench_asyncpg, bench_redis, bench_shutdown, bench_sqlalchemy
+from benchmarks import (
+    bench_aio_pika,
+    bench_aiohttp,
+    bench_asyncpg,
+    bench_psycopg_pool,
+    bench_redis,
+    bench_shutdown,
+    bench_sqlalchemy,
+)
 from benchmarks._machine import Machine
 from benchmarks._report import console_header, console_line, markdown
 
@@ -31,6 +39,7 @@ SUITES: dict[str, Callable[[], Sequence[Row]]] = {
     "asyncpg": bench_asyncpg.run,
     "redis": bench_redis.run,
     "aiohttp": bench_aiohttp.run,
+    "psycopg_pool": bench_psycopg_pool.run,
     "aio-pika": bench_aio_pika.run,
     "shutdown": bench_shutdown.run,
 }

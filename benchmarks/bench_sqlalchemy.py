@@ -16,6 +16,7 @@ from benchmarks._measure import MEMORY, Result, compare, latency_result
 from poolkeeper import KeeperState, Registry
 
 URL = sa.make_url(os.environ.get("POOLKEEPER_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+MYSQL_URL = sa.make_url(os.environ.get("POOLKEEPER_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"))
 
 
 def checkout_overhead() -> list[Result]:
@@ -56,6 +57,29 @@ def checkout_overhead() -> list[Result]:
     tracked_registry.close()
     raw.dispose()
     return rows
+
+
+def mysql_query_overhead() -> Result:
+    """Checkout + ``SELECT 1`` + return on MariaDB through PyMySQL, raw engine against a wrapped one."""
+    raw = sa.create_engine(MYSQL_URL.set(drivername="mysql+pymysql"), pool_size=2)
+    wrapped = sa.create_engine(MYSQL_URL.set(drivername="mysql+pymysql"), pool_size=2)
+    registry = Registry()
+    registry.wrap(wrapped, name="db")
+
+    def query(engine: sa.Engine) -> None:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("select 1").scalar()
+
+    row = compare(
+        "sqlalchemy + pymysql (MariaDB) checkout + SELECT 1",
+        lambda: query(raw),
+        lambda: query(wrapped),
+        count=300,
+        rounds=21,
+    ).result(1.05)
+    registry.close()
+    raw.dispose()
+    return row
 
 
 def _resident_bytes() -> int:
@@ -146,6 +170,7 @@ async def async_drain_latency(samples: int = 30) -> Result:
 
 def run() -> list[Result]:
     rows = checkout_overhead()
+    rows.append(mysql_query_overhead())
     rows.append(memory_over_checkouts())
     rows.append(sync_drain_latency())
     rows.append(asyncio.run(async_drain_latency()))

@@ -17,6 +17,7 @@ from poolkeeper._report import ResourceReport, ShutdownReport
 from poolkeeper._run import run
 from poolkeeper._signals import SignalHandlers, install_signal_handlers
 from poolkeeper._wrap import wrap
+from poolkeeper.adapters import register_adapter
 from poolkeeper.errors import PoolClosedError, PoolkeeperError, RegistrationError, UnsupportedResourceError
 from poolkeeper.hooks import BackgroundTasks, flush_logging, stop_tasks
 
@@ -38,6 +39,7 @@ __all__ = [
     "flush_logging",
     "get_registry",
     "install_signal_handlers",
+    "register_adapter",
     "run",
     "stop_tasks",
     "wrap",

@@ -18,15 +18,45 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import CodeType
 
-__all__ = ["Borrow", "Borrower", "Entry", "Frame", "capture_stack", "collected", "tracked_entry", "untracked_entry"]
+__all__ = [
+    "FORCED_BY_LABELS",
+    "Borrow",
+    "Borrower",
+    "Entry",
+    "ForcedBy",
+    "Frame",
+    "add_library_modules",
+    "capture_stack",
+    "collected",
+    "tracked_entry",
+    "untracked_entry",
+]
+
+#: What cut a keeper's drain short, so that its borrowed connections were force-closed.
+#: ``drain_timeout``: the keeper's own drain timeout ran out. ``deadline``: the shutdown's
+#: deadline left no more time to drain. ``budget``: the grace budget's force point (or exit
+#: point) after the first SIGTERM. ``force_close``: ``registry.force_close()``, a second signal,
+#: the cancellation of the task running the shutdown, or asyncpg's ``pool.terminate()``.
+#: ``exit``: the process exited without closing and the exit-time net closed it.
+ForcedBy = Literal["drain_timeout", "deadline", "budget", "force_close", "exit"]
+
+#: How each :data:`ForcedBy` reads in the text report.
+FORCED_BY_LABELS: dict[str, str] = {
+    "drain_timeout": "its drain_timeout",
+    "deadline": "the shutdown deadline",
+    "budget": "the grace budget",
+    "force_close": "force_close (a second signal or a cancelled shutdown)",
+    "exit": "the exit-time close",
+}
 
 # Frames from these modules are plumbing, never "where the user borrowed the connection".
-_PLUMBING_MODULES = (
+_PLUMBING_MODULES: tuple[str, ...] = (
     "runpy",
     "<frozen",
     "poolkeeper.",
@@ -49,6 +79,8 @@ _PLUMBING_MODULES = (
     "pluggy.",
     "pytest_asyncio.",
 )
+# Modules that are plumbing by their exact name (a package's __init__, a one-file library).
+_PLUMBING_NAMES = frozenset({"poolkeeper", "sqlalchemy"})
 _PYTEST_MAIN = (f"{os.sep}pytest{os.sep}__main__.py", f"{os.sep}_pytest{os.sep}__main__.py")
 
 
@@ -90,10 +122,24 @@ _current_task = asyncio.current_task
 
 def _is_plumbing(frame: Any) -> bool:
     module = frame.f_globals.get("__name__", "")
-    if module.startswith(_PLUMBING_MODULES) or module in ("poolkeeper", "sqlalchemy"):
+    if module.startswith(_PLUMBING_MODULES) or module in _PLUMBING_NAMES:
         return True
     # `python -m pytest` runs pytest's own __main__ module: plumbing, not the user's script.
     return module == "__main__" and bool(frame.f_code.co_filename.endswith(_PYTEST_MAIN))
+
+
+def add_library_modules(modules: Iterable[str]) -> None:
+    """Count the frames of ``modules`` (and of their submodules) as library code from now on.
+
+    A third-party adapter's library (``Driver.library_modules``) joins the built-in ones, so a
+    borrow site is the user's line, not a line of the pool.
+    """
+    global _PLUMBING_MODULES, _PLUMBING_NAMES  # noqa: PLW0603 -- replaced whole: readers see one or the other
+    names = frozenset(modules) - _PLUMBING_NAMES
+    if names:
+        _PLUMBING_NAMES = _PLUMBING_NAMES | names
+        _PLUMBING_MODULES = (*_PLUMBING_MODULES, *sorted(f"{name}." for name in names))
+        _plumbing_files.clear()  # files already judged may belong to these modules
 
 
 def _learn(frame: Any) -> bool:
@@ -235,7 +281,15 @@ def collected(entry: Entry) -> bool:
 
 
 class Borrow:
-    """One borrowed connection and its entry, made only off the hot path (views, force-close)."""
+    """One borrowed connection, as a driver's :meth:`~poolkeeper.adapters.Driver.force_close` is given it.
+
+    Attributes:
+        connection: what the adapter passed to :meth:`Keeper.lend <poolkeeper.Keeper.lend>`
+            (its unit of checkout: a connection object, a request record...).
+        entry: the keeper's record of the borrow; internal.
+
+    Made only off the hot path (views, force-close).
+    """
 
     __slots__ = ("connection", "entry")
 
@@ -248,8 +302,15 @@ class Borrow:
         """``time.monotonic()`` at checkout."""
         return float(self.entry[0])
 
-    def view(self, keeper: str, *, returned_by_gc: bool = False, detail: str | None = None) -> Borrower:
-        """The public, immutable view of this borrow."""
+    def view(
+        self,
+        keeper: str,
+        *,
+        returned_by_gc: bool = False,
+        forced_by: ForcedBy | None = None,
+        detail: str | None = None,
+    ) -> Borrower:
+        """The public, immutable view of this borrow (``forced_by``: why it is being force-closed)."""
         entry = self.entry
         held = time.monotonic() - entry[0]
         tracked = len(entry) > _UNTRACKED_LENGTH
@@ -261,6 +322,7 @@ class Borrow:
             task=entry[4].get_name() if tracked and entry[4] is not None else None,
             stack=_frames(entry[2]) if tracked else None,
             returned_by_gc=returned_by_gc,
+            forced_by=forced_by,
             detail=detail,
         )
 
@@ -279,6 +341,8 @@ class Borrower:
             line and at most 3 callers), or ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
+        forced_by: in a shutdown report, what forced this connection closed (``"budget"``: the
+            grace budget's force point; see :data:`ForcedBy`); else ``None``.
         detail: what was borrowed, when the adapter says (a message consumer: the queue and
             delivery tag of the message), else ``None``.
     """
@@ -290,6 +354,7 @@ class Borrower:
     task: str | None
     stack: tuple[Frame, ...] | None
     returned_by_gc: bool = False
+    forced_by: ForcedBy | None = None
     detail: str | None = None
 
     @property
@@ -308,6 +373,8 @@ class Borrower:
         )
         what = f" ({self.detail})" if self.detail else ""
         lines = [f"{self.keeper}{what}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        if self.forced_by is not None:
+            lines[0] += f"; forced by {FORCED_BY_LABELS.get(self.forced_by, self.forced_by)}"
         if self.stack is None:
             lines.append("  borrow site unknown: enable track_borrowers=True to record it")
         else:
@@ -326,5 +393,6 @@ class Borrower:
             "site": self.site,
             "stack": None if self.stack is None else [str(frame) for frame in self.stack],
             "returned_by_gc": self.returned_by_gc,
+            "forced_by": self.forced_by,
             "detail": self.detail,
         }

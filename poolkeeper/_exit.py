@@ -70,7 +70,7 @@ def _left_open(registry: Registry) -> list[str]:
 def _force_close(registry: Registry) -> None:
     try:
         for keeper in registry.keepers:
-            keeper.request_force()  # no drain wait; hooks still run, within the deadline
+            keeper.request_force("exit")  # no drain wait; hooks still run, within the deadline
         registry.close(deadline=EXIT_DEADLINE)
     except Exception:
         logger.warning("poolkeeper: force-closing at exit failed", exc_info=True)

@@ -9,6 +9,13 @@ request could use), is bounded by ``ping_timeout``, and its result is cached for
 so probes cannot load the database. A keeper whose library has no cheap ping reports
 ``"not checked"``, never ``"ok"``.
 
+A failed ping is cached like a successful one: while a database is down or restarting, every
+probe of every pod (the kubelet's, a load balancer's) would otherwise open a new connection to
+it, each waiting up to ``ping_timeout``: the storm a recovering server does not need. So a
+failure keeps readiness at 503 for ``ping_interval`` seconds and a recovery shows at the first
+probe after that. The body says how old each result is (``ping_age``, seconds), so a 503 is
+never mistaken for a fresh verdict.
+
 The FastAPI/Starlette routes (``poolkeeper.fastapi``) and any other framework's check use
 :class:`HealthCheck`. Only the standard library is imported.
 """
@@ -55,7 +62,7 @@ class HealthCheck:
         registry: the registry whose state is reported.
         ping: ping each keeper's server on readiness probes (opt-in).
         ping_timeout: seconds a ping may take before it counts as failed.
-        ping_interval: seconds a ping result is reused; probes in between do not ping.
+        ping_interval: seconds a ping result, failed or not, is reused; probes in between do not ping.
 
     Raises:
         TypeError: ``ping`` is not a bool, or a timeout is not a number.
@@ -98,10 +105,14 @@ class HealthCheck:
         if not self.ping or self.registry.draining:
             return status, body
         keepers = self.registry.keepers
-        results = await asyncio.gather(*(self._cached_ping(k) for k in keepers))
-        for keeper, result in zip(keepers, results, strict=True):
-            body["keepers"][keeper.name]["ping"] = result
-        if any(result not in (OK, NOT_CHECKED) for result in results):
+        pinged = await asyncio.gather(*(self._cached_ping(k) for k in keepers))
+        now = time.monotonic()
+        for keeper, (result, at) in zip(keepers, pinged, strict=True):
+            shown = body["keepers"][keeper.name]
+            shown["ping"] = result
+            if at is not None:
+                shown["ping_age"] = round(max(0.0, now - at), 3)
+        if any(result not in (OK, NOT_CHECKED) for result, _ in pinged):
             return 503, {**body, "status": "unavailable"}
         return status, body
 
@@ -110,18 +121,20 @@ class HealthCheck:
         """``(200, {"status": "alive", "draining": ...})``: the process lives, draining or not."""
         return 200, {"status": "alive", "draining": registry.draining}
 
-    async def _cached_ping(self, keeper: Keeper) -> str:
+    async def _cached_ping(self, keeper: Keeper) -> tuple[str, float | None]:
+        """The keeper's ping result (failures included) and when it was taken, pinging only once it is stale."""
         if not keeper.driver.can_ping:
-            return NOT_CHECKED
+            return NOT_CHECKED, None
         cache = self._pings.setdefault(keeper.name, _PingCache())
         if cache.result is not None and time.monotonic() - cache.at < self.ping_interval:
-            return cache.result
+            return cache.result, cache.at
         task = cache.in_flight
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._ping(keeper, cache))
             cache.in_flight = task
         # Shielded: a probe whose client hung up must not cancel the ping the others wait for.
-        return await asyncio.shield(task)
+        result = await asyncio.shield(task)
+        return result, cache.at
 
     async def _ping(self, keeper: Keeper, cache: _PingCache) -> str:
         try:

@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._borrowers import Borrow, Borrower, Entry, collected, tracked_entry, untracked_entry
+from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, collected, tracked_entry, untracked_entry
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._gc_safe_lock import GcSafeLock
 from poolkeeper._leak_watch import LeakWatch
@@ -94,6 +94,7 @@ class Keeper:
         self._checkouts_in_flight: collections.deque[None] = collections.deque()
         self._gc_leaks: list[Borrower] = []
         self._force_requested = False
+        self._force_reason: ForcedBy | None = None  # who asked first, for the report
         # Set (under the lock) once a closer has seen the keeper drained: from then on a late
         # lend() is refused, since the closer will not wait for it (issue 13, item 1).
         self._drain_seen = False
@@ -364,11 +365,21 @@ class Keeper:
             self.refuse_error = error
         return True
 
-    def request_force(self) -> None:
-        """Cut the drain short now: whoever waits in :meth:`wait_drained` wakes at once."""
+    def request_force(self, reason: ForcedBy = "force_close") -> None:
+        """Cut the drain short now: whoever waits in :meth:`wait_drained` wakes at once.
+
+        ``reason`` goes into the report as ``forced_by``; the first request's reason stays.
+        """
         with self._lock:
             self._force_requested = True
+            if self._force_reason is None:
+                self._force_reason = reason
             self._wake_if_drained()
+
+    @property
+    def force_reason(self) -> ForcedBy | None:
+        """Why :meth:`request_force` was first called, or ``None`` if it was not."""
+        return self._force_reason
 
     @property
     def drained(self) -> bool:
@@ -448,6 +459,7 @@ class Keeper:
         self._borrows = {}
         self._gc_leaks = []
         self._force_requested = False
+        self._force_reason = None
         self._drain_waiters = []
         self._thread_waiters = []
         self._returned_while_draining = 0

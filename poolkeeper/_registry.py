@@ -20,7 +20,7 @@ from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._leak_watch import forget_inherited as forget_inherited_leak_watch
 from poolkeeper._shutdown import ForceSwitch, Item, run_shutdown
 from poolkeeper._timeouts import DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, check_name, check_timeout
-from poolkeeper.adapters import driver_for
+from poolkeeper.adapters import driver_for, prepare_adapter
 from poolkeeper.errors import RegistrationError
 
 if TYPE_CHECKING:
@@ -254,7 +254,8 @@ class Registry:
             now managed. Wrapping an object a second time returns it without registering again.
 
         Raises:
-            UnsupportedResourceError: ``resource`` is of no supported type.
+            UnsupportedResourceError: ``resource`` is of no supported type (built in, or given
+                an adapter by :func:`poolkeeper.register_adapter` or an entry point).
             RegistrationError: duplicate name, dependency cycle, registry closed, or the
                 resource is managed by another registry.
             ValueError: a timeout is negative, NaN or infinite.
@@ -270,6 +271,7 @@ class Registry:
         if track_borrowers is not None and not isinstance(track_borrowers, bool):
             raise TypeError(f"track_borrowers must be True, False or None, got {track_borrowers!r}")
 
+        prepare_adapter(resource)  # a third-party adapter's entry point is imported outside the locks
         with self._lock, _managed_lock:
             self._refuse_if_closing("wrap")
             self._purge()
@@ -325,6 +327,8 @@ class Registry:
             RegistrationError: the registry or that keeper is closing: the shutdown owns it now.
             UnsupportedResourceError: the object is of no supported type.
         """
+        if not isinstance(resource_or_name, str):
+            prepare_adapter(resource_or_name)  # as in wrap(): no entry point imported under the locks
         with self._lock, _managed_lock:
             self._purge()
             if isinstance(resource_or_name, str):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from poolkeeper._borrowers import Borrower
+    from poolkeeper._borrowers import Borrower, ForcedBy
 
 __all__ = ["Outcome", "ResourceReport", "ShutdownReport"]
 
@@ -36,6 +36,9 @@ class ResourceReport:
     error: str | None = None
     leaks: tuple[Borrower, ...] = ()
     target: str | None = None
+    #: What forced the ``leaks`` closed (``"budget"``: the grace budget; see
+    #: ``poolkeeper._borrowers.ForcedBy``); ``None`` when nothing was forced.
+    forced_by: ForcedBy | None = None
 
     @property
     def ok(self) -> bool:
@@ -52,6 +55,7 @@ class ResourceReport:
             "borrowed_at_start": self.borrowed_at_start,
             "returned": self.returned,
             "forced": self.forced,
+            "forced_by": self.forced_by,
             "drain_seconds": round(self.drain_seconds, 6),
             "close_seconds": round(self.close_seconds, 6),
             "error": self.error,
@@ -98,7 +102,20 @@ class ShutdownReport:
         }
 
     def __str__(self) -> str:
-        headers = ("name", "kind", "outcome", "borrowed", "returned", "forced", "drain s", "close s", "error")
+        # The "forced by" column only when something was forced: a clean report keeps its shape.
+        by = any(item.forced_by for item in self.items)
+        headers = (
+            "name",
+            "kind",
+            "outcome",
+            "borrowed",
+            "returned",
+            "forced",
+            *(("forced by",) if by else ()),
+            "drain s",
+            "close s",
+            "error",
+        )
         rows = [
             (
                 item.name,
@@ -107,6 +124,7 @@ class ShutdownReport:
                 str(item.borrowed_at_start),
                 str(item.returned),
                 str(item.forced),
+                *((item.forced_by or "",) if by else ()),
                 f"{item.drain_seconds:.3f}",
                 f"{item.close_seconds:.3f}",
                 item.error or "",

@@ -27,6 +27,8 @@ from poolkeeper._report import Outcome, ResourceReport, ShutdownReport
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+    from poolkeeper._borrowers import ForcedBy
+
 __all__ = ["ForceSwitch", "Item", "run_shutdown"]
 
 logger = logging.getLogger("poolkeeper.shutdown")
@@ -195,8 +197,9 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         errors.append("refuse: " + _error_text(keeper.refuse_error, _driver_secrets(keeper)))
 
     drain_until = started + keeper.drain_timeout
-    if finish_by is not None:
-        drain_until = min(drain_until, finish_by - reserve)
+    cut_by: ForcedBy = "drain_timeout"
+    if finish_by is not None and finish_by - reserve < drain_until:
+        drain_until, cut_by = finish_by - reserve, "deadline"
     clean = await keeper.wait_drained(max(0.0, drain_until - time.monotonic()))
     drain_seconds = time.monotonic() - started
 
@@ -205,6 +208,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     if finish_by is not None:
         close_until = min(close_until, max(finish_by, close_started + _MIN_CLOSE_BUDGET))
     forced = 0
+    forced_by: ForcedBy | None = None
     leaks: tuple[object, ...] = ()
     # Cancelled past its grace (see _settle), a step still closes what it can, quickly, and
     # reaches CLOSED before the cancellation goes on.
@@ -213,7 +217,13 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         borrows = keeper.start_forcing()
         # Checkouts still connecting are cut too: lend() refuses them when they land.
         forced = len(borrows) + keeper.checkouts_in_flight
-        leaks = tuple(borrow.view(keeper.name, detail=_borrow_detail(keeper, borrow.connection)) for borrow in borrows)
+        if forced:
+            # Asked for from outside (the grace budget, force_close()), else the time ran out.
+            forced_by = keeper.force_reason or cut_by
+        leaks = tuple(
+            borrow.view(keeper.name, forced_by=forced_by, detail=_borrow_detail(keeper, borrow.connection))
+            for borrow in borrows
+        )
         if borrows:
             # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
             # gets the minimum an abort needs, like closing the connections below.
@@ -238,6 +248,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         error="; ".join(errors) or None,
         leaks=leaks,  # type: ignore[arg-type]  # tuple of Borrower built above
         target=target,
+        forced_by=forced_by,
     )
     keeper.mark_closed()
     if cancelled is not None:

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._budget import Budget, Plan, grace_period_or_default
+from poolkeeper._budget import Budget, Plan, grace_period_or_default, plan_now, warn_misfit
 from poolkeeper._registry import Registry, get_registry
 from poolkeeper._timeouts import check_timeout
 
@@ -511,10 +511,6 @@ def shutdown_delay_argument(shutdown_delay: object, delay: object, *, stacklevel
 
 def plan_for(registry: Registry, grace_period: object, shutdown_delay: float) -> Plan:
     """The grace budget's plan for ``registry``; logs a warning when its timeouts do not fit."""
-    keepers = registry.keepers
-    close_timeout = max((keeper.close_timeout for keeper in keepers), default=registry.close_timeout)
-    drain_timeout = max((keeper.drain_timeout for keeper in keepers), default=registry.drain_timeout)
-    plan = Plan(grace_period_or_default(grace_period), shutdown_delay, close_timeout, drain_timeout)
-    for problem in plan.problems():
-        logger.warning("poolkeeper: grace budget: %s", problem, extra={"poolkeeper_event": "budget-misfit"})
+    plan = plan_now(registry, grace_period_or_default(grace_period), shutdown_delay)
+    warn_misfit(plan)  # early, at install; the plan is made again with the timeouts of the first signal
     return plan

@@ -40,13 +40,14 @@ def wrap(
         leak_threshold: warn, with the borrow site, about a connection held longer than this.
 
     Raises:
-        UnsupportedResourceError: ``resource`` is of no supported type.
+        UnsupportedResourceError: ``resource`` is of no supported type (built in, or given an
+            adapter by :func:`poolkeeper.register_adapter` or an entry point).
         RegistrationError: duplicate name, dependency cycle, or the registry is closed.
         ValueError: a timeout is negative, NaN or infinite.
     """
     if registry is not None and not isinstance(registry, Registry):
         raise TypeError(f"registry must be a poolkeeper.Registry or None, got {registry!r}")
-    return (registry or get_registry()).wrap(
+    return (registry if registry is not None else get_registry()).wrap(
         resource,
         name=name,
         drain_timeout=drain_timeout,

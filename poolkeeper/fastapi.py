@@ -79,8 +79,9 @@ def lifespan(
             the server's own shutdown begins (none after SIGINT unless ``delay_on_sigint``).
         deadline: bounds closing the registry once the server has drained (default: the items'
             own timeouts); never the whole shutdown, which ``grace_period`` bounds.
-        grace_period: seconds from the first SIGTERM to SIGKILL (default:
-            ``$POOLKEEPER_GRACE_PERIOD``, else 30, Kubernetes' default).
+        grace_period: seconds from the first SIGTERM to SIGKILL (default, read at startup: the
+            worker's own under gunicorn's hooks, see :func:`poolkeeper.gunicorn.configure`;
+            else ``$POOLKEEPER_GRACE_PERIOD``, else 30, Kubernetes' default).
         delay_on_sigint: wait out ``shutdown_delay`` on Ctrl-C too.
 
     Returns:
@@ -93,7 +94,7 @@ def lifespan(
     chosen = _registry_or_default(registry)
     delay = check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
     close_deadline = check_timeout("deadline", deadline)
-    grace = grace_period_or_default(grace_period)
+    grace = grace_period_or_default(grace_period)  # a bad value or $POOLKEEPER_GRACE_PERIOD fails here, early
     if not isinstance(delay_on_sigint, bool):
         raise TypeError(f"delay_on_sigint must be True or False, got {delay_on_sigint!r}")
     if setup is not None and not callable(setup):
@@ -105,7 +106,11 @@ def lifespan(
         app_state = getattr(app, "state", None)
         if app_state is not None:
             app_state.poolkeeper_registry = chosen
-        handlers = _install_handlers(chosen, delay, grace, delay_on_sigint)
+        # Without an explicit grace_period, read it now: under gunicorn the worker's hooks have
+        # set the grace period it really has (poolkeeper.gunicorn) since the app was imported.
+        handlers = _install_handlers(
+            chosen, delay, grace if grace_period is not None else grace_period_or_default(None), delay_on_sigint
+        )
         try:
             state: dict[str, Any] = {"poolkeeper_registry": chosen}
             if setup is None:
@@ -194,9 +199,10 @@ def health_router(
     connection is borrowed: 503 from the instant draining starts (``start_draining``, the first
     SIGTERM, or closing), 200 otherwise. With ``ping=True`` it also pings each keeper's server
     (``SELECT 1``, ``PING``) over a side connection of its own, never a pool connection; the
-    result is cached for ``ping_interval`` seconds (concurrent probes share one ping in flight),
-    a failed or late ping (``ping_timeout``) makes it 503, and a keeper whose library has no
-    cheap ping (aiohttp) reports ``"not checked"``. Liveness (``live_path``) answers 200 while
+    result, a failure too, is cached for ``ping_interval`` seconds (concurrent probes share one
+    ping in flight, so probes cannot storm a database that is down) and shown with its age
+    (``ping_age``), a failed or late ping (``ping_timeout``) makes it 503, and a keeper whose
+    library has no cheap ping (aiohttp) reports ``"not checked"``. Liveness (``live_path``) answers 200 while
     the process lives. Bodies are JSON with each keeper's state, never a DSN or password.
 
     Args:
@@ -205,7 +211,8 @@ def health_router(
         live_path: path of the liveness endpoint.
         ping: also ping each keeper's server (opt-in; off by default since 0.x, see the changelog).
         ping_timeout: seconds a ping may take before readiness fails.
-        ping_interval: seconds a ping result is reused before a probe pings again.
+        ping_interval: seconds a ping result, failed or not, is reused before a probe pings
+            again: also how long a recovered database may still be reported down.
         report_path: opt-in path serving the shutdown report as JSON: ``registry.report.to_dict()``
             (redacted; with borrow-site stacks when tracked) once the registry has closed, and
             404 ``{"status": "open"}`` (or ``"draining"``) before.

@@ -4,10 +4,18 @@
 # gunicorn.conf.py
 from poolkeeper.gunicorn import *  # post_fork, post_worker_init, worker_exit, on_exit
 
-# optional: another registry, a readiness delay before each worker stops accepting
+# optional: another registry, a readiness delay before each worker stops accepting, the grace period
 import poolkeeper.gunicorn
-poolkeeper.gunicorn.configure(shutdown_delay=5.0)
+poolkeeper.gunicorn.configure(shutdown_delay=5.0, grace_period=25.0)
+graceful_timeout = 25
 ```
+
+The grace budget (docs/kubernetes.md) of a worker is the smallest of: ``grace_period`` (else
+``$POOLKEEPER_GRACE_PERIOD``) and gunicorn's ``graceful_timeout``, after which the master kills a
+worker that has not exited. Without either of the first two, ``graceful_timeout`` alone. The
+master forwards its SIGTERM to the workers at once, so both clocks start together; keep
+``graceful_timeout`` a little under the pod's ``terminationGracePeriodSeconds`` so that the master
+itself exits in time.
 
 What each hook does, with or without ``--preload``:
 
@@ -19,9 +27,10 @@ What each hook does, with or without ``--preload``:
   handlers, which would replace any installed earlier): poolkeeper's SIGTERM handler goes in
   front of gunicorn's. The first SIGTERM makes ``registry.draining`` true (readiness fails)
   while the worker keeps serving for ``shutdown_delay`` seconds, then gunicorn's graceful stop
-  follows. uvicorn workers handle SIGTERM themselves while serving: use
-  :func:`poolkeeper.fastapi.lifespan` for the delay there; the hook only makes sure the worker
-  leaves through ``worker_exit`` afterwards instead of dying of the re-raised signal.
+  follows, inside the worker's grace budget. uvicorn workers handle SIGTERM themselves while
+  serving: use :func:`poolkeeper.fastapi.lifespan` for the delay there (its budget is the
+  worker's grace period set here, unless the lifespan is given one); the hook only makes sure
+  the worker leaves through ``worker_exit`` afterwards instead of dying of the re-raised signal.
 * ``worker_exit`` (in each worker, once it stopped serving): closes the registry within what is
   left of gunicorn's ``graceful_timeout`` and logs the report once, through gunicorn's error log,
   with the worker's pid.
@@ -35,39 +44,85 @@ If you define a hook of the same name yourself, call ours from it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from typing import Any
 
+from poolkeeper._budget import GRACE_PERIOD_ENV, grace_period_or_default, set_server_grace_period
 from poolkeeper._registry import Registry, get_registry
 from poolkeeper._signals import SignalHandlers, check_registry, install_signal_handlers
 from poolkeeper._timeouts import check_timeout
 
-__all__ = ["configure", "on_exit", "post_fork", "post_worker_init", "worker_exit"]
+__all__ = [
+    "configure",
+    "on_exit",
+    "post_fork",
+    "post_worker_init",
+    "worker_exit",
+]  # what `import *` brings into gunicorn.conf.py
+
+logger = logging.getLogger("poolkeeper.gunicorn")
 
 #: Seconds kept back from ``graceful_timeout`` so that a worker's close ends before gunicorn kills it.
 EXIT_MARGIN = 1.0
+#: gunicorn's own default ``graceful_timeout``.
+GUNICORN_GRACEFUL_TIMEOUT = 30.0
 
-_settings: dict[str, Any] = {"registry": None, "shutdown_delay": 0.0}
+_settings: dict[str, Any] = {"registry": None, "shutdown_delay": 0.0, "grace_period": None}
 _handlers: SignalHandlers | None = None
 _stopped_at: float | None = None  # when gunicorn's own SIGTERM handler ran in this worker
 
 
-def configure(registry: Registry | None = None, *, shutdown_delay: float = 0.0) -> None:
+def configure(
+    registry: Registry | None = None, *, shutdown_delay: float = 0.0, grace_period: float | None = None
+) -> None:
     """Set what the hooks use; call it in ``gunicorn.conf.py``.
 
     Args:
         registry: the registry to drain and close (default: :func:`poolkeeper.get_registry`).
         shutdown_delay: seconds a worker keeps serving, with readiness failing, after SIGTERM
             and before gunicorn's graceful stop (the time a load balancer needs to stop routing).
+        grace_period: seconds from SIGTERM to SIGKILL (the pod's
+            ``terminationGracePeriodSeconds``; default ``$POOLKEEPER_GRACE_PERIOD``). Each worker
+            plans its shutdown inside the smaller of this and gunicorn's ``graceful_timeout``
+            (see :func:`worker_grace_period`), and passes it on to its signal handlers and to
+            :func:`poolkeeper.fastapi.lifespan`.
 
     Raises:
         TypeError: ``registry`` is not a :class:`poolkeeper.Registry`.
-        ValueError: ``shutdown_delay`` is negative, NaN or infinite.
+        ValueError: ``shutdown_delay`` is negative, NaN or infinite, or ``grace_period`` is not
+            a positive finite number.
     """
-    _settings["registry"] = check_registry(registry)
-    _settings["shutdown_delay"] = check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
+    checked = check_registry(registry)
+    delay = check_timeout("shutdown_delay", shutdown_delay, allow_none=False) or 0.0
+    grace = None if grace_period is None else grace_period_or_default(grace_period, server=False)
+    _settings.update(registry=checked, shutdown_delay=delay, grace_period=grace)
+
+
+def worker_grace_period(graceful_timeout: float) -> float:
+    """A worker's grace period: the configured one (else ``$POOLKEEPER_GRACE_PERIOD``), at most ``graceful_timeout``.
+
+    gunicorn's master kills a worker ``graceful_timeout`` seconds after forwarding it the
+    SIGTERM, whatever the pod's grace period: a plan longer than that would be cut by SIGKILL.
+    """
+    configured: float | None = _settings["grace_period"]
+    if configured is None and os.environ.get(GRACE_PERIOD_ENV, "").strip():
+        configured = grace_period_or_default(None, server=False)
+    if configured is None:
+        return graceful_timeout
+    if configured > graceful_timeout:
+        logger.warning(
+            "poolkeeper: grace period %gs is longer than gunicorn's graceful_timeout %gs, after which the master "
+            "kills the worker: the worker plans its shutdown inside %gs; raise graceful_timeout to match",
+            configured,
+            graceful_timeout,
+            graceful_timeout,
+            extra={"poolkeeper_event": "budget-misfit"},
+        )
+        return graceful_timeout
+    return configured
 
 
 def _registry() -> Registry:
@@ -84,8 +139,15 @@ def post_fork(server: Any, worker: Any) -> None:  # noqa: ARG001 -- gunicorn's h
 
 
 def post_worker_init(worker: Any) -> None:
-    """In a worker, after gunicorn's own handlers: put poolkeeper's SIGTERM handling in front of them."""
+    """In a worker, after gunicorn's own handlers: put poolkeeper's SIGTERM handling in front of them.
+
+    The worker's grace period (:func:`worker_grace_period`) becomes this process's default, which
+    an ASGI app's :func:`poolkeeper.fastapi.lifespan` reads when it starts.
+    """
     global _handlers  # noqa: PLW0603 -- one set of handlers per worker process
+    graceful = float(getattr(worker.cfg, "graceful_timeout", GUNICORN_GRACEFUL_TIMEOUT))
+    grace = worker_grace_period(graceful)
+    set_server_grace_period(grace)
     stop_serving = signal.getsignal(signal.SIGTERM)
     if not callable(stop_serving):
         # uvicorn's worker resets SIGTERM to the default, and its server puts its own handler in
@@ -106,7 +168,7 @@ def post_worker_init(worker: Any) -> None:
 
     signal.signal(signal.SIGTERM, timed_stop_serving)
     _handlers = install_signal_handlers(
-        _registry(), signals=(signal.SIGTERM,), shutdown_delay=_settings["shutdown_delay"]
+        _registry(), signals=(signal.SIGTERM,), shutdown_delay=_settings["shutdown_delay"], grace_period=grace
     )
 
 

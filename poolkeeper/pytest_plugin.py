@@ -16,10 +16,11 @@ What it provides:
   connection was held and the line that borrowed it. ``poolkeeper_leak_check`` (ini),
   ``--poolkeeper-leak-check`` and ``@pytest.mark.poolkeeper(leak_check=...)`` choose between
   ``error``, ``warn`` (a :class:`PoolkeeperLeakWarning`) and ``off``.
-* ``poolkeeper_postgres_url`` / ``poolkeeper_redis_url``: URLs of servers for the session, from
-  ``POOLKEEPER_POSTGRES_URL`` / ``POOLKEEPER_REDIS_URL``, else testcontainers when Docker
-  answers, else a skip (a failure with ``--poolkeeper-require-services``). A session gets a
-  throwaway PostgreSQL database and a Redis database index of its own.
+* ``poolkeeper_postgres_url`` / ``poolkeeper_redis_url`` / ``poolkeeper_mysql_url``: URLs of
+  servers for the session, from ``POOLKEEPER_POSTGRES_URL`` / ``POOLKEEPER_REDIS_URL`` /
+  ``POOLKEEPER_MYSQL_URL``, else testcontainers when Docker answers, else a skip (a failure with
+  ``--poolkeeper-require-services``). A session gets a throwaway PostgreSQL database, a Redis
+  database index and a throwaway MySQL/MariaDB database of its own.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ POSTGRES_URL_ENV = "POOLKEEPER_POSTGRES_URL"
 REDIS_URL_ENV = "POOLKEEPER_REDIS_URL"
 POSTGRES_IMAGE_ENV = "POOLKEEPER_POSTGRES_IMAGE"
 REDIS_IMAGE_ENV = "POOLKEEPER_REDIS_IMAGE"
+MYSQL_URL_ENV = "POOLKEEPER_MYSQL_URL"
+MYSQL_IMAGE_ENV = "POOLKEEPER_MYSQL_IMAGE"
 _DEFAULT_POSTGRES_IMAGE = "postgres:16-alpine"
 _DEFAULT_REDIS_IMAGE = "redis:7-alpine"
+_DEFAULT_MYSQL_IMAGE = "mariadb:11"
 
 # The fixture registry is closed this fast at teardown: anything still borrowed by then is a
 # leak that has already been recorded, so there is nothing worth waiting long for.
@@ -106,8 +110,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         dest="poolkeeper_require_services",
-        help="fail, instead of skipping, the tests whose poolkeeper_postgres_url / poolkeeper_redis_url "
-        "fixture finds no server",
+        help="fail, instead of skipping, the tests whose poolkeeper_postgres_url / poolkeeper_redis_url / "
+        "poolkeeper_mysql_url fixture finds no server",
     )
     parser.addini(
         "poolkeeper_leak_check",
@@ -946,3 +950,110 @@ def poolkeeper_redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield _with_redis_database(base, database)
     finally:
         claim.release()
+
+
+# -- MySQL / MariaDB ------------------------------------------------------------------------------
+
+_MYSQL_SCHEMES = re.compile(r"^(?:mysql|mariadb)(?:\+\w+)?://")
+
+
+def _mysql_execute(url: str, statements: list[str]) -> bool:
+    """Run ``statements`` with PyMySQL, else mysqlclient; False if neither is installed."""
+    parts = urlsplit(url)
+    options: dict[str, Any] = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 3306,
+        "user": unquote(parts.username or "root"),
+        "password": unquote(parts.password or ""),
+        "connect_timeout": int(_CONNECT_TIMEOUT),
+    }
+    unix_socket = dict(parse_qsl(parts.query)).get("unix_socket")
+    if unix_socket:
+        options["unix_socket"] = unix_socket
+    driver: Any
+    try:
+        import pymysql  # noqa: PLC0415 -- the plugin imports drivers only when a fixture needs one
+
+        driver = pymysql
+    except ImportError:
+        try:
+            import MySQLdb  # noqa: PLC0415 -- as above
+
+            driver = MySQLdb
+        except ImportError:
+            return False
+    connection = driver.connect(**options)
+    try:
+        cursor = connection.cursor()
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.close()
+    finally:
+        connection.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def poolkeeper_mysql_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a MySQL/MariaDB database of this test session's own.
+
+    From ``POOLKEEPER_MYSQL_URL`` (a ``mysql://`` or ``mariadb://`` URL, a SQLAlchemy driver
+    suffix such as ``mysql+pymysql://`` allowed) when set: the session then gets a throwaway
+    database ``poolkeeper_test_<random>`` on that server, dropped at the end (created with PyMySQL,
+    else mysqlclient; without either the URL is handed out unchecked). Otherwise a testcontainers
+    MySQL container when Docker answers (image: ``POOLKEEPER_MYSQL_IMAGE``, default
+    ``mariadb:11``). Otherwise the test is skipped, or fails under
+    ``--poolkeeper-require-services``. A server named in the environment that does not answer
+    always fails the test.
+    """
+    config = request.config
+    base = os.environ.get(MYSQL_URL_ENV, "").strip()
+    if not base:
+        container = _start_container(
+            config,
+            "MySQL/MariaDB",
+            MYSQL_URL_ENV,
+            "mysql",
+            "MySqlContainer",
+            image=os.environ.get(MYSQL_IMAGE_ENV, _DEFAULT_MYSQL_IMAGE),
+        )
+        try:
+            yield str(container.get_connection_url())
+        finally:
+            container.stop()
+        return
+    hidden = _password(base)
+    if not _MYSQL_SCHEMES.match(base):
+        pytest.fail(
+            f"{MYSQL_URL_ENV} must be a mysql:// or mariadb:// URL, got {redact(base, hidden)!r}", pytrace=False
+        )
+    database = f"poolkeeper_test_{secrets.token_hex(6)}"
+    problem: str | None = None
+    try:
+        created = _mysql_execute(base, [f"CREATE DATABASE `{database}`"])
+    except Exception as error:  # noqa: BLE001 -- any failure is reported, with secrets scrubbed
+        created, problem = False, redact(f"{type(error).__name__}: {error}", hidden)
+    if problem is not None and "denied" in problem:
+        warnings.warn(
+            PoolkeeperWarning(
+                f"could not create a throwaway database ({problem}); the tests share {redact(base, hidden)}"
+            ),
+            stacklevel=1,
+        )
+    elif problem is not None:  # failed outside the except block: the driver's own error, unscrubbed, stays out
+        pytest.fail(
+            f"MySQL/MariaDB at {redact(base, hidden)} ({MYSQL_URL_ENV}) did not answer: {problem}", pytrace=False
+        )
+    if not created:
+        yield base
+        return
+    try:
+        yield _with_database(base, database)
+    finally:
+        try:
+            _mysql_execute(base, [f"DROP DATABASE IF EXISTS `{database}`"])
+        except Exception as error:  # noqa: BLE001 -- reported, never fails the session's last test
+            warnings.warn(
+                PoolkeeperWarning(f"could not drop the throwaway database {database}: {redact(str(error), hidden)}"),
+                stacklevel=1,
+            )

@@ -21,6 +21,8 @@ from poolkeeper import PoolClosedError
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Database 9: the suite never touches database 0, and never flushes anything it did not create.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
+# MariaDB (or MySQL): root with an empty password, as on the loopback server of a developer's machine.
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
 
 # The servers come from poolkeeper's own pytest plugin (poolkeeper_postgres_url and
 # poolkeeper_redis_url), which reads these variables. CI sets them and passes
@@ -28,6 +30,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 # server named here, the plugin fails (never skips) the tests that need it when it is down.
 os.environ.setdefault("POOLKEEPER_POSTGRES_URL", DEFAULT_POSTGRES_URL)
 os.environ.setdefault("POOLKEEPER_REDIS_URL", DEFAULT_REDIS_URL)
+os.environ.setdefault("POOLKEEPER_MYSQL_URL", DEFAULT_MYSQL_URL)
 
 # A job started in the background by a non-interactive shell, or by some CI runners, inherits
 # SIGINT ignored, and so would every program the signal tests start (an ignored signal stays
@@ -60,6 +63,12 @@ def sqlalchemy_url(url: str, driver: str, password: str | None = None) -> sa.URL
 def redis_url(poolkeeper_redis_url: str) -> str:
     """A URL of the Redis server naming a database of this session's own (never database 0)."""
     return poolkeeper_redis_url
+
+
+@pytest.fixture(scope="session")
+def mysql_url(poolkeeper_mysql_url: str) -> str:
+    """A ``mysql://`` URL of a throwaway database of this session's own on the MariaDB server."""
+    return poolkeeper_mysql_url
 
 
 class Server:

@@ -1,10 +1,11 @@
-"""The grace-budget test service (tests/programs/grace_app.py) under the uvicorn CLI, and requests to it."""
+"""The grace-budget test service (tests/programs/grace_app.py) under the uvicorn CLI, uvicorn.run() or gunicorn."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 from poolkeeper.demo.traffic import free_port
 
 PROGRAMS = Path(__file__).resolve().parent / "programs"
+GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
 @dataclass
@@ -59,9 +61,12 @@ def _read(service: Service) -> None:
 def grace_service(
     pg_url: str, *, grace_period: float, shutdown_delay: float = 0.0, close_timeout: float = 2.0, runner: str = "cli"
 ) -> Iterator[Service]:
-    """The app under ``uvicorn grace_app:app`` (``runner="cli"``, no --timeout-graceful-shutdown) or ``uvicorn.run()``.
+    """The app under the uvicorn CLI, ``uvicorn.run()`` or gunicorn with 2 uvicorn workers, by ``runner``.
 
-    Yields once it is ready; kills it at exit if it still runs.
+    ``"cli"``: ``uvicorn grace_app:app`` (no --timeout-graceful-shutdown); ``"uvicorn.run"``;
+    ``"gunicorn"``: tests/programs/grace_gunicorn_conf.py, where the grace period is given as
+    ``graceful_timeout`` only, never as ``$POOLKEEPER_GRACE_PERIOD``: the workers' budget must come
+    from it. Yields once it is ready; kills it (and, for gunicorn, its workers) at exit if it still runs.
     """
     port = free_port()
     name = f"pk-grace-{uuid.uuid4().hex[:10]}"
@@ -76,9 +81,21 @@ def grace_service(
     if runner == "cli":
         command = [sys.executable, "-m", "uvicorn", "grace_app:app", "--app-dir", str(PROGRAMS)]
         command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    elif runner == "gunicorn":
+        command = [str(GUNICORN), "-c", "grace_gunicorn_conf.py", "-b", f"127.0.0.1:{port}", "grace_app:app"]
+        del env["POOLKEEPER_GRACE_PERIOD"]
+        env["PK_GRACEFUL_TIMEOUT"] = f"{grace_period:g}"
     else:
         command = [sys.executable, str(PROGRAMS / "grace_app.py"), str(port)]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=PROGRAMS,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group: gunicorn's workers are ended with it
+    )
     service = Service(process, port, name)
     reader = threading.Thread(target=_read, args=(service,), daemon=True)
     reader.start()
@@ -86,8 +103,10 @@ def grace_service(
         end = time.monotonic() + 30
         while True:
             assert process.poll() is None, "".join(service.output)
+            # Under gunicorn every worker must be serving: one still booting takes no connection.
+            started = sum("Application startup complete" in line for line in list(service.output))
             try:
-                if service.get("/readyz", timeout=1)[0] == 200:
+                if service.get("/readyz", timeout=1)[0] == 200 and (runner != "gunicorn" or started == 2):
                     break
             except OSError:
                 pass
@@ -95,8 +114,9 @@ def grace_service(
             time.sleep(0.05)
         yield service
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # not reaped yet: the group is still the one this test started
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # gunicorn's workers included
         process.wait()
         reader.join(5)
 

@@ -10,12 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
+import celery  # a dev dependency: missing, the run fails at collection rather than skip
 
 from tests.conftest import Server
 from tests.programs.child import PROGRAMS, ROOT
 
-celery = pytest.importorskip("celery")
 CELERY = Path(sys.executable).with_name("celery")
 
 

@@ -9,8 +9,8 @@ loaded, as it is for users) and must pass, unless the line before its fence is
 and must exit 0.
 
 Samples read the servers from the environment, as real code does: ``DATABASE_URL`` (a libpq URL
-of this session's throwaway PostgreSQL database) and ``REDIS_URL`` (this session's Redis database,
-never 0).
+of this session's throwaway PostgreSQL database), ``REDIS_URL`` (this session's Redis database,
+never 0) and ``MYSQL_URL`` (a ``mysql://`` URL of this session's throwaway MariaDB database).
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ def test_expected_failures_are_test_modules_with_a_file_name():
 
 
 @pytest.fixture
-def sample_environment(pg_url, redis_url):
-    """The environment a sample runs in: the caller's, plus the two server URLs."""
-    return {**os.environ, "DATABASE_URL": pg_url, "REDIS_URL": redis_url, "PYTHONDONTWRITEBYTECODE": "1"}
+def sample_environment(pg_url, redis_url, mysql_url):
+    """The environment a sample runs in: the caller's, plus the server URLs."""
+    servers = {"DATABASE_URL": pg_url, "REDIS_URL": redis_url, "MYSQL_URL": mysql_url}
+    return {**os.environ, **servers, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,6 @@ from tests.conftest import Server
 from tests.programs.child import PROGRAMS
 
 GUNICORN = Path(sys.executable).with_name("gunicorn")
-pytestmark = pytest.mark.skipif(not GUNICORN.exists(), reason="gunicorn is not installed in this environment")
 
 
 def free_port() -> int:

@@ -43,3 +43,39 @@ def test_worker_exit_is_bounded_by_graceful_timeout(
     [record] = [r for r in caplog.records if r.name == "test.gunicorn.worker"]
     assert "closed within 1.5s" in record.getMessage()
     held.close()
+
+
+@pytest.mark.parametrize(
+    ("configured", "environment", "graceful_timeout", "expected"),
+    [
+        (None, None, 25.0, 25.0),  # nothing configured: gunicorn's graceful_timeout, when it kills the worker
+        (20.0, None, 25.0, 20.0),  # the pod's grace period is shorter: it counts
+        (None, "15", 25.0, 15.0),  # the same from $POOLKEEPER_GRACE_PERIOD
+        (40.0, None, 25.0, 25.0),  # longer than graceful_timeout: gunicorn's kill comes first
+    ],
+)
+def test_a_workers_grace_period_is_the_configured_one_at_most_graceful_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+    configured: float | None,
+    environment: str | None,
+    graceful_timeout: float,
+    expected: float,
+) -> None:
+    """configure(grace_period=...) else $POOLKEEPER_GRACE_PERIOD, capped by graceful_timeout, else graceful_timeout."""
+    if environment is None:
+        monkeypatch.delenv("POOLKEEPER_GRACE_PERIOD", raising=False)
+    else:
+        monkeypatch.setenv("POOLKEEPER_GRACE_PERIOD", environment)
+    poolkeeper.gunicorn.configure(grace_period=configured)
+    try:
+        assert poolkeeper.gunicorn.worker_grace_period(graceful_timeout) == expected
+    finally:
+        poolkeeper.gunicorn.configure()
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan")])
+def test_configure_refuses_a_grace_period_that_is_no_positive_number_by_name(value: float) -> None:
+    """A bad grace_period is refused at configure time, naming the argument; nothing of it is kept."""
+    with pytest.raises(ValueError, match="grace_period"):
+        poolkeeper.gunicorn.configure(shutdown_delay=3.0, grace_period=value)
+    assert poolkeeper.gunicorn._settings["shutdown_delay"] == 0.0

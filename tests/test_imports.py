@@ -32,6 +32,7 @@ DRIVERS = [
     [
         "poolkeeper",
         "poolkeeper.errors",
+        "poolkeeper.adapters",
         "poolkeeper.cli",
         "poolkeeper.pytest_plugin",
         "poolkeeper.gunicorn",

@@ -37,16 +37,19 @@ def p99(latencies: list[float]) -> float:
 
 
 def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_url):
-    """15 requests hold all 15 connections: /readyz p99 < 10 ms and 200; after SIGTERM (draining) 503."""
+    """15 requests hold all 15 connections: /readyz 200, p99 < 10 ms (or as fast as /livez); then 503."""
     with grace_service(pg_url, grace_period=30.0, shutdown_delay=3.0) as service:
         threads, _ = start_requests(service, ["/slow-async?seconds=20"] * POOL_SIZE)
         prober = http.client.HTTPConnection("127.0.0.1", service.port, timeout=5)
         end = time.monotonic() + 10
         while probe(prober)[1]["keepers"]["async-db"]["borrowed"] != POOL_SIZE:
             assert time.monotonic() < end, "the 15 slow requests never held the whole pool"
-        results = [probe(prober) for _ in range(300)]
-        # The control: the same server's most trivial endpoint, to tell a slow readiness from a busy machine.
-        control = [probe(prober, "/livez")[2] for _ in range(300)]
+        # The control: the same server's most trivial endpoint, probed in turn with /readyz so that
+        # both see the same machine, to tell a slow readiness from a busy machine.
+        results, control = [], []
+        for _ in range(300):
+            results.append(probe(prober))
+            control.append(probe(prober, "/livez")[2])
         service.process.send_signal(signal.SIGTERM)
         end = time.monotonic() + 1
         while (draining := probe(prober))[0] != 503:
@@ -62,7 +65,10 @@ def test_readiness_is_200_in_under_10_ms_with_every_pool_connection_borrowed(pg_
     )
     print(measured)  # noqa: T201 -- the numbers for the record
     assert {status for status, _, _ in results} == {200}
-    assert p99(latencies) < 0.010, measured
+    # Under 10 ms, or, where the machine itself is that slow (a loaded CI host), no slower than the
+    # trivial endpoint beside it: readiness answers from state. A readiness that waits for a pool
+    # connection takes the slow requests' time (seconds), far past either bound.
+    assert p99(latencies) < max(0.010, 1.5 * p99(control)), measured
     assert draining[1]["status"] == "draining"
 
 
@@ -117,6 +123,50 @@ def test_concurrent_probes_share_one_ping_and_reuse_it_for_the_interval(make_eng
     registry.close()
     assert len(calls) == 1
     assert {status for status, _ in results} == {200}
+
+
+def test_a_failed_ping_is_cached_for_the_interval_with_its_age_and_a_recovery_shows_after_it(make_engine):
+    """A failed ping is cached: 503 for ping_interval with one ping, its age shown; the next probe after recovers.
+
+    Probes cannot storm a database that is down; the first probe after the interval pings again.
+    """
+    registry = Registry()
+    registry.wrap(make_engine(), name="db")
+    driver = registry["db"].driver
+    calls = []
+    real_ping = driver.ping
+
+    async def down_once() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ConnectionRefusedError("connection refused")  # the database restarting
+        await real_ping()
+
+    driver.ping = down_once  # type: ignore[method-assign]  # a spy: the real ping from the second call on
+    check = HealthCheck(registry, ping=True, ping_interval=0.3)
+
+    async def probe_until_ready() -> list[tuple[int, dict[str, Any]]]:
+        answers = [await check.readiness()]
+        end = time.monotonic() + 5
+        while answers[-1][0] != 200 and time.monotonic() < end:
+            await asyncio.sleep(0.02)  # a prober's period
+            answers.append(await check.readiness())
+        return answers
+
+    answers = asyncio.run(probe_until_ready())
+    registry.close()
+    failed, recovered = answers[:-1], answers[-1]
+    assert len(calls) == 2  # one ping for all the failed answers, one for the recovery
+    assert len(failed) >= 5  # 0.3 s of probes every 20 ms (fewer only on a stalled machine)
+    assert {(status, body["keepers"]["db"]["ping"]) for status, body in failed} == {
+        (503, "failed: ConnectionRefusedError: connection refused")
+    }
+    ages = [body["keepers"]["db"]["ping_age"] for _, body in failed]
+    assert ages == sorted(ages)
+    assert ages[-1] < 0.3 + 0.1
+    assert calls[1] - calls[0] >= 0.3
+    assert (recovered[0], recovered[1]["keepers"]["db"]["ping"]) == (200, "ok")
+    assert recovered[1]["keepers"]["db"]["ping_age"] < 0.1
 
 
 def test_ping_timeout_is_configurable_and_a_late_ping_fails_readiness(make_engine):
@@ -177,7 +227,7 @@ def test_an_asyncpg_ping_with_the_pool_exhausted_is_ok_and_refused_once_closed(p
         async with pool.acquire():
             _, body = await check.readiness()
         await registry.aclose()
-        closed = await HealthCheck(registry, ping=True)._cached_ping(registry["pg"])
+        closed, _ = await HealthCheck(registry, ping=True)._cached_ping(registry["pg"])
         return body["keepers"]["pg"]["ping"], closed
 
     busy, closed = asyncio.run(scenario())

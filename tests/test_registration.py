@@ -177,3 +177,15 @@ def test_wrap_refuses_a_registry_of_the_wrong_type(make_engine):
     """poolkeeper.wrap(registry=...) must be a Registry."""
     with pytest.raises(TypeError, match="registry"):
         poolkeeper.wrap(make_engine(), registry="default")  # type: ignore[arg-type]
+
+
+def test_wrap_into_an_empty_registry_registers_there_not_in_the_default_one(make_engine):
+    """An empty Registry is falsy (it has a length): wrap(registry=...) must still use it."""
+    registry = Registry()
+    engine = poolkeeper.wrap(make_engine(), name="tenant-db", registry=registry)
+    try:
+        assert [keeper.name for keeper in registry.keepers] == ["tenant-db"]
+        assert "tenant-db" not in [keeper.name for keeper in poolkeeper.get_registry().keepers]
+    finally:
+        registry.close()
+        engine.dispose()

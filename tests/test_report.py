@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
-from poolkeeper import ResourceReport, ShutdownReport
+import pytest
+import sqlalchemy as sa
+
+from poolkeeper import Registry, ResourceReport, ShutdownReport
 from poolkeeper._borrowers import Borrower, Frame
+from poolkeeper._budget import Budget, Plan
+from tests.waiting import until
 
 
 def sample() -> ShutdownReport:
@@ -53,3 +59,96 @@ def test_lookup_by_name_and_ok():
     assert not report["db"].ok
     assert not report.ok
     assert len(report) == 2
+
+
+def forced_by_budget() -> ShutdownReport:
+    leak = Borrower("db", 1700000000.0, 5.0, "worker-1", None, (Frame("app.py", 42, "handler"),), forced_by="budget")
+    return ShutdownReport(
+        items=(
+            ResourceReport("db", "sqlalchemy", "forced", 1, 0, 1, 0.0, 0.01, None, (leak,), None, "budget"),
+            ResourceReport("cache", "redis", "clean"),
+        ),
+        duration=0.05,
+    )
+
+
+def test_a_borrower_forced_by_the_grace_budget_is_marked_in_the_table_the_borrower_line_and_to_dict():
+    """The table gets a 'forced by' column, the borrower's line says 'forced by the grace budget', to_dict says why."""
+    report = forced_by_budget()
+    lines = str(report).splitlines()
+    assert lines[1].split() == [
+        "name",
+        "kind",
+        "outcome",
+        "borrowed",
+        "returned",
+        "forced",
+        "forced",
+        "by",
+        "drain",
+        "s",
+        "close",
+        "s",
+        "error",
+    ]
+    assert lines[3].split()[:7] == ["db", "sqlalchemy", "forced", "1", "0", "1", "budget"]
+    assert "db: held for 5.000s by thread worker-1; forced by the grace budget" in lines
+    assert "    app.py:42 in handler" in lines
+    data = json.loads(json.dumps(report.to_dict()))
+    assert (data["items"][0]["forced_by"], data["items"][0]["leaks"][0]["forced_by"]) == ("budget", "budget")
+    assert data["items"][1]["forced_by"] is None
+
+
+def test_a_report_with_nothing_forced_keeps_its_columns():
+    """No 'forced by' column when nothing was forced: the table most shutdowns print is unchanged."""
+    report = ShutdownReport(items=(ResourceReport("db", "sqlalchemy", "clean"),), duration=0.01)
+    assert str(report).splitlines()[1].split() == [
+        "name",
+        "kind",
+        "outcome",
+        "borrowed",
+        "returned",
+        "forced",
+        "drain",
+        "s",
+        "close",
+        "s",
+        "error",
+    ]
+
+
+@pytest.mark.parametrize("cause", ["drain_timeout", "deadline", "force_close", "budget"])
+def test_the_report_says_what_forced_a_borrowed_connection_closed(make_engine, cause):
+    """A connection held on PostgreSQL past the drain is force-closed; the report names the cause and borrow site."""
+    registry = Registry(drain_timeout=0.2 if cause == "drain_timeout" else 30.0, close_timeout=2.0)
+    engine = registry.wrap(make_engine(), name="db", track_borrowers=True)
+    connection = engine.connect()  # held until the end: only a force ends the drain
+    connection.execute(sa.text("select 1"))
+    budget = None
+    report: ShutdownReport | None
+    try:
+        if cause == "drain_timeout":
+            report = registry.close()
+        elif cause == "deadline":
+            report = registry.close(deadline=0.3)
+        elif cause == "force_close":
+            report = registry.force_close()
+        else:  # grace 3 s - close_timeout 2 s - margin 1 s: the force point is the first signal itself
+            budget = Budget(registry, Plan(grace_period=3.0, shutdown_delay=0.0, close_timeout=2.0), lambda: None)
+            budget.start()
+            until(lambda: registry.report is not None)
+            report = registry.report
+    finally:
+        if budget is not None:
+            budget.stop()
+        with contextlib.suppress(sa.exc.DBAPIError):
+            connection.close()
+    assert report is not None
+    item = report["db"]
+    # "forced", or "failed" when a loaded server did not confirm the cancel within a forced close's 0.1 s: either
+    # way the connection was force-closed, and the report says why.
+    assert (item.outcome in ("forced", "failed"), item.forced, item.forced_by) == (True, 1, cause)
+    assert [leak.forced_by for leak in item.leaks] == [cause]
+    assert item.leaks[0].site is not None
+    assert "test_report.py" in item.leaks[0].site
+    assert "; forced by " in str(report)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -241,3 +244,47 @@ def test_installing_again_with_other_arguments_is_refused_naming_them(other, nam
     again = poolkeeper.install_signal_handlers(**{**arguments, **other})  # once uninstalled: allowed
     again.uninstall()
     assert again is not installed
+
+
+def test_the_grace_budget_is_planned_with_the_close_timeout_of_the_keepers_there_are_when_the_signal_arrives(
+    sigusr1_handler, make_engine
+):
+    """Handlers installed before the app wrapped its engine (as a lifespan does): the signal's plan uses its timeout.
+
+    At install the registry has no keeper (its own close_timeout 10 s: force point 20 - 10 - 2 = 8 s); the engine
+    wrapped afterwards with close_timeout 3 s moves the force point to 20 - 3 - 2 = 15 s once the signal arrives.
+    """
+    registry = Registry(close_timeout=10.0)
+    with poolkeeper.install_signal_handlers(registry, signals=[signal.SIGUSR1], grace_period=20.0) as handlers:
+        assert handlers.budget is not None
+        assert handlers.budget.plan.force_at == 8.0
+        registry.wrap(make_engine(), name="db", close_timeout=3.0)
+        signal.raise_signal(signal.SIGUSR1)
+        assert sigusr1_handler.wait(2)
+        remaining = handlers.budget.remaining()
+        assert (handlers.budget.plan.close_timeout, handlers.budget.plan.force_at) == (3.0, 15.0)
+    registry.close()
+    assert remaining is not None
+    assert 17.0 < remaining <= 18.0  # the exit point, G - margin, is 18 s after the signal
+
+
+@pytest.mark.parametrize(("signalled", "expected"), [(True, "frozen at exit: True"), (False, "frozen at exit: False")])
+def test_after_a_signal_the_interpreter_skips_its_final_garbage_collections(signalled, expected):
+    """Once the grace budget runs, the heap is frozen at exit (gc.freeze): the teardown fits the margin; not before."""
+    code = textwrap.dedent(
+        f"""
+        import atexit, gc, signal, threading
+        import poolkeeper
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))  # runs last
+        passed_on = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: passed_on.set())
+        handlers = poolkeeper.install_signal_handlers(poolkeeper.Registry(), signals=[signal.SIGUSR1], grace_period=30)
+        if {signalled}:
+            signal.raise_signal(signal.SIGUSR1)
+            assert passed_on.wait(5)
+        handlers.uninstall()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -10,7 +10,9 @@ name                                                   version lines
 ``Pool._do_return_conn`` (every return)                2.0, 2.1
 ``Pool._is_asyncio`` (async pools)                     2.0, 2.1
 ``Pool._invoke_creator`` (the batched cancel's         2.0, 2.1; optional: without it the cancel
-side connection)                                       falls back to one request per connection
+side connection)                                       falls back to one request per connection,
+                                                       and MySQL's ``KILL QUERY`` (_mysql_cancel)
+                                                       is reported unconfirmed
 ``QueuePool._pool`` / ``_overflow`` / ``checkedin()``  2.0, 2.1
 ``_ConnectionFairy._connection_record``                2.0, 2.1
 ``_ConnectionRecord.fairy_ref``                        2.0, 2.1

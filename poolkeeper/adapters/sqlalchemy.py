@@ -35,6 +35,7 @@ from poolkeeper.adapters._abort import (
     socket_fd,
 )
 from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
@@ -244,6 +245,9 @@ class SQLAlchemyDriver(Driver):
         # Held strongly: their ids stay unique, and a collected psycopg2 or asyncpg connection
         # would send its goodbye on the socket it shares with the parent.
         self._inherited: dict[int, Any] = {}
+        # MySQL and MariaDB stop a borrowed connection's statement with KILL QUERY (_mysql_cancel);
+        # every other dialect with PostgreSQL's cancel (_abort).
+        self.mysql_cancel = MySQLServerCancel(engine, is_async=self.is_async) if is_mysql(engine) else None
 
     @property
     def managed_object(self) -> Any:
@@ -293,6 +297,8 @@ class SQLAlchemyDriver(Driver):
         super().attach(keeper)
         try:
             self.guard(self.engine.pool)
+            if self.mysql_cancel is not None:
+                self.mysql_cancel.attach()
         except BaseException:
             self.detach()
             raise
@@ -310,6 +316,8 @@ class SQLAlchemyDriver(Driver):
                 vars(pool).pop(attribute, None)
         self._library_classes.clear()
         self.pools.clear()
+        if self.mysql_cancel is not None:
+            self.mysql_cancel.detach()
 
     def guard(self, pool: Pool) -> None:
         """Give ``pool`` (and its queue) their guarded classes."""
@@ -376,6 +384,9 @@ class SQLAlchemyDriver(Driver):
         connections = [
             borrow.connection.driver_connection for borrow in borrows if borrow.connection.dbapi_connection is not None
         ]
+        if self.mysql_cancel is not None:  # MySQL/MariaDB: KILL QUERY over a side connection, then cut
+            await self.mysql_cancel.force_close(connections, timeout)
+            return
         # Cancel first, all at once: a backend whose client vanished keeps running its query.
         wait = min(timeout / 2, MAX_CANCEL_WAIT)
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0:
