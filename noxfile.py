@@ -37,6 +37,9 @@ COMPAT_LIBRARIES = (
     "mysqlclient",
     "aiomysql",
     "asyncmy",
+    "aio-pika",
+    "aiormq",
+    "nats-py",
 )
 COMPAT_SETS: dict[str, tuple[str, ...]] = {
     "floor": (
@@ -56,6 +59,8 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "aiomysql==0.2.0",
         "asyncmy==0.2.9",
         "httpcore==1.0.5",
+        "aio-pika==9.4.0",  # its aiormq (6.8.x) comes with it
+        "nats-py==2.7.0",
     ),
     "previous": (
         "sqlalchemy==2.0.58",
@@ -73,6 +78,8 @@ COMPAT_SETS: dict[str, tuple[str, ...]] = {
         "mysqlclient==2.2.8",
         "aiomysql==0.2.0",  # aiomysql's previous minor line (0.2) has one release
         "asyncmy==0.2.17",  # asyncmy has one minor line (0.2): the release before the newest
+        "aio-pika==10.1.2",
+        "nats-py==2.15.0",
     ),
     "latest": (),
 }
@@ -102,6 +109,9 @@ COMPAT_TESTS = (
     "tests/test_hooks.py",
     "tests/test_fastapi.py",
     "tests/test_pytest_plugin.py",
+    "tests/test_aio_pika_keeper.py",
+    "tests/test_consumer_shutdown.py",
+    "tests/test_nats_keeper.py",
 )
 
 _PRINT_VERSIONS = """

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks import (
+    bench_aio_pika,
     bench_aiohttp,
     bench_asyncpg,
     bench_httpx,
@@ -41,6 +42,7 @@ SUITES: dict[str, Callable[[], Sequence[Row]]] = {
     "aiohttp": bench_aiohttp.run,
     "psycopg_pool": bench_psycopg_pool.run,
     "httpx": bench_httpx.run,
+    "aio-pika": bench_aio_pika.run,
     "shutdown": bench_shutdown.run,
 }
 

@@ -68,6 +68,9 @@ _PLUMBING_MODULES: tuple[str, ...] = (
     "httpcore.",
     "httpx2.",
     "httpcore2.",
+    "aio_pika.",
+    "aiormq.",
+    "nats.",
     "asyncio.",
     "greenlet",
     "contextlib",
@@ -303,7 +306,14 @@ class Borrow:
         """``time.monotonic()`` at checkout."""
         return float(self.entry[0])
 
-    def view(self, keeper: str, *, returned_by_gc: bool = False, forced_by: ForcedBy | None = None) -> Borrower:
+    def view(
+        self,
+        keeper: str,
+        *,
+        returned_by_gc: bool = False,
+        forced_by: ForcedBy | None = None,
+        detail: str | None = None,
+    ) -> Borrower:
         """The public, immutable view of this borrow (``forced_by``: why it is being force-closed)."""
         entry = self.entry
         held = time.monotonic() - entry[0]
@@ -317,6 +327,7 @@ class Borrow:
             stack=_frames(entry[2]) if tracked else None,
             returned_by_gc=returned_by_gc,
             forced_by=forced_by,
+            detail=detail,
         )
 
 
@@ -336,6 +347,8 @@ class Borrower:
             collected it; its borrower never returned it.
         forced_by: in a shutdown report, what forced this connection closed (``"budget"``: the
             grace budget's force point; see :data:`ForcedBy`); else ``None``.
+        detail: what was borrowed, when the adapter says (a message consumer: the queue and
+            delivery tag of the message), else ``None``.
     """
 
     keeper: str
@@ -346,6 +359,7 @@ class Borrower:
     stack: tuple[Frame, ...] | None
     returned_by_gc: bool = False
     forced_by: ForcedBy | None = None
+    detail: str | None = None
 
     @property
     def site(self) -> str | None:
@@ -361,7 +375,8 @@ class Borrower:
         who = ", ".join(
             part for part in (self.thread and f"thread {self.thread}", self.task and f"task {self.task}") if part
         )
-        lines = [f"{self.keeper}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        what = f" ({self.detail})" if self.detail else ""
+        lines = [f"{self.keeper}{what}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
         if self.forced_by is not None:
             lines[0] += f"; forced by {FORCED_BY_LABELS.get(self.forced_by, self.forced_by)}"
         if self.stack is None:
@@ -383,4 +398,5 @@ class Borrower:
             "stack": None if self.stack is None else [str(frame) for frame in self.stack],
             "returned_by_gc": self.returned_by_gc,
             "forced_by": self.forced_by,
+            "detail": self.detail,
         }

@@ -129,6 +129,15 @@ def _driver_target(keeper: Keeper, secrets: Sequence[str] | None, errors: list[s
         return None
 
 
+def _borrow_detail(keeper: Keeper, connection: object) -> str | None:
+    """``keeper.driver.describe_borrow(connection)``; ``None`` if the driver cannot say."""
+    try:
+        return keeper.driver.describe_borrow(connection)
+    except Exception:  # a report without the detail beats no report
+        logger.debug("poolkeeper %r: describe_borrow failed", keeper.name, exc_info=True)
+        return None
+
+
 def _reserve(item: Item, deadline_seconds: float | None) -> float:
     if deadline_seconds is None:
         return 0.0
@@ -211,7 +220,10 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         if forced:
             # Asked for from outside (the grace budget, force_close()), else the time ran out.
             forced_by = keeper.force_reason or cut_by
-        leaks = tuple(borrow.view(keeper.name, forced_by=forced_by) for borrow in borrows)
+        leaks = tuple(
+            borrow.view(keeper.name, forced_by=forced_by, detail=_borrow_detail(keeper, borrow.connection))
+            for borrow in borrows
+        )
         if borrows:
             # Never unbounded: a zero budget (close_timeout=0, or a deadline already spent) still
             # gets the minimum an abort needs, like closing the connections below.

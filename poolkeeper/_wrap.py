@@ -29,7 +29,8 @@ def wrap(
 
     Args:
         resource: a SQLAlchemy ``Engine``/``AsyncEngine``, asyncpg ``Pool``, redis-py
-            ``Redis`` (sync or asyncio) or aiohttp ``ClientSession``.
+            ``Redis`` (sync or asyncio), aiohttp ``ClientSession``, aio-pika
+            ``Connection``/``RobustConnection`` or nats-py ``Client``.
         name: unique name in the registry; defaults to the library's name.
         registry: where to register it; default :func:`poolkeeper.get_registry`.
         drain_timeout: seconds to wait for borrowed connections (default: the registry's).

@@ -170,3 +170,51 @@ async def async_engine(pg_url: str, application_name: str) -> AsyncIterator[Asyn
     yield engine
     with contextlib.suppress(PoolClosedError):
         await engine.dispose()
+
+
+# -- message brokers (issue 16): RabbitMQ for the aio-pika keeper ------------------------------------
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+os.environ.setdefault("POOLKEEPER_AMQP_URL", DEFAULT_AMQP_URL)
+
+
+def _answers(url: str, default_port: int) -> str | None:
+    """Why nothing answers at ``url``'s host and port, or None if something does."""
+    import socket  # noqa: PLC0415 -- only the broker fixtures need it
+    import urllib.parse  # noqa: PLC0415
+
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        return f"nothing answers at {host}:{port} ({error})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def amqp_url(request: pytest.FixtureRequest) -> str:
+    """The RabbitMQ broker (``POOLKEEPER_AMQP_URL``); fails under ``--poolkeeper-require-services`` when down."""
+    from poolkeeper.pytest_plugin import _unavailable  # noqa: PLC0415 -- the plugin's own skip-or-fail rule
+
+    url = os.environ["POOLKEEPER_AMQP_URL"]
+    problem = _answers(url, 5672)
+    if problem is not None:
+        _unavailable(request.config, f"RabbitMQ (POOLKEEPER_AMQP_URL) is not available: {problem}")
+    return url
+
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+os.environ.setdefault("POOLKEEPER_NATS_URL", DEFAULT_NATS_URL)
+
+
+@pytest.fixture(scope="session")
+def nats_url(request: pytest.FixtureRequest) -> str:
+    """NATS with JetStream (``POOLKEEPER_NATS_URL``); fails when down under ``--poolkeeper-require-services``."""
+    from poolkeeper.pytest_plugin import _unavailable  # noqa: PLC0415 -- the plugin's own skip-or-fail rule
+
+    url = os.environ["POOLKEEPER_NATS_URL"]
+    problem = _answers(url, 4222)
+    if problem is not None:
+        _unavailable(request.config, f"NATS (POOLKEEPER_NATS_URL) is not available: {problem}")
+    return url

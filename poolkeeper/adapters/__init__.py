@@ -65,6 +65,8 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "httpx.AsyncClient": ("poolkeeper.adapters.httpx", "httpx AsyncClient"),
     "httpx2.Client": ("poolkeeper.adapters.httpx", "httpx2 Client"),
     "httpx2.AsyncClient": ("poolkeeper.adapters.httpx", "httpx2 AsyncClient"),
+    "aio_pika.connection.Connection": ("poolkeeper.adapters.aio_pika", "aio-pika Connection/RobustConnection"),
+    "nats.aio.client.Client": ("poolkeeper.adapters.nats", "nats-py Client"),
 }
 
 #: Human-readable names of every kind of object ``wrap()`` accepts.

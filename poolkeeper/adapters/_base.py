@@ -191,6 +191,10 @@ class Driver(abc.ABC):
         The default does nothing: an adapter whose resource holds connections must override it.
         """
 
+    def describe_borrow(self, connection: Any) -> str | None:  # noqa: ARG002 -- adapters that can say override it
+        """What one borrow is, for the report's force-closed list (a message's queue and delivery tag); no secret."""
+        return None
+
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """A connection came back after the keeper closed (a forced borrower, late): close it.
 
