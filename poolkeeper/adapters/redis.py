@@ -156,9 +156,7 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     except BaseException:
         keeper.end_checkout()
         raise
-    lent = keeper.lend(connection)
-    keeper.end_checkout()
-    if not lent:
+    if not keeper.lend_checkout(connection):  # lend() and end_checkout() in one call
         connection.disconnect()  # the sweep of idle connections may be over: do not leave it open
         library.release(connection)
         raise keeper.refusal()
@@ -195,9 +193,7 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     except BaseException:
         keeper.end_checkout()
         raise
-    lent = keeper.lend(connection)
-    keeper.end_checkout()
-    if not lent:
+    if not keeper.lend_checkout(connection):  # lend() and end_checkout() in one call
         await connection.disconnect()  # the sweep of idle connections may be over
         await library.release(connection)
         raise keeper.refusal()
