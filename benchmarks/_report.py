@@ -286,6 +286,7 @@ def markdown(rows: Sequence[Row], machine: Machine) -> str:
         "```bash",
         "nox -s bench                 # installs the project, runs every suite, rewrites this page",
         "python -m benchmarks --help  # the same without nox: --only SUITE, --no-report, --json PATH",
+        "python -m benchmarks.instructions  # instructions per bare checkout, raw/wrapped/tracked (valgrind)",
         "```",
         "",
         "The servers are PostgreSQL and Redis on loopback by default; `POOLKEEPER_POSTGRES_URL` and",
