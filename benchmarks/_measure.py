@@ -1,24 +1,36 @@
 """Timing helpers shared by the benchmarks, and the results every suite hands to the renderer.
 
-Overheads are measured in interleaved rounds (raw, poolkeeper, raw, poolkeeper...) so that
-machine noise hits both alike, and summarised as the median of the per-round ratios.
+Overheads are measured in interleaved rounds (raw, poolkeeper, poolkeeper, raw...) so that
+machine noise hits both alike, with the garbage collector paused in each timed loop, and
+summarised as the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
+import timeit
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 # The sections of the report, in the order they are printed.
 OVERHEAD = "Overhead against the raw libraries"
 LATENCY = "Drain wake-up latency"
 SCALE = "Shutdown at scale"
 MEMORY = "Memory per borrow"
+
+#: Goals (issue 18, issue 13 item 9): a bare checkout+return through a kept pool, tracking off
+#: and on, against the raw library's; the drain's wake-up; bytes a borrow keeps while it is out.
+BARE_GOAL = 1.05
+TRACKED_GOAL = 1.15
+WAKE_UP_GOAL_MS = 0.5
+UNTRACKED_BYTES_GOAL = 256
+TRACKED_BYTES_GOAL = 1024
 
 
 @dataclass(frozen=True)
@@ -127,11 +139,30 @@ class Comparison:
 
 
 def per_op(operation: Callable[[], object], count: int) -> float:
-    """Seconds per call of ``operation`` over ``count`` calls."""
-    started = time.perf_counter()
-    for _ in range(count):
-        operation()
-    return (time.perf_counter() - started) / count
+    """Seconds per call of ``operation`` over ``count`` calls, the garbage collector paused (see :func:`timed`)."""
+    with timed():
+        started = time.perf_counter()
+        for _ in range(count):
+            operation()
+        return (time.perf_counter() - started) / count
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a timed loop, as ``timeit`` does.
+
+    A collection starts after a count of allocations, not of operations: the wrapped loop makes
+    one more small object per checkout, so collections land in its rounds at other moments than
+    in the raw ones, and one landing in a round of 2,000 checkouts moves that round by several
+    percent. Paused, neither side pays for one; nothing in these loops makes a reference cycle.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def compare(
@@ -141,9 +172,35 @@ def compare(
     result = Comparison(name, [], [])
     per_op(raw, count // 10)  # warm up both paths
     per_op(wrapped, count // 10)
-    for _ in range(rounds):
-        result.raw.append(per_op(raw, count))
-        result.wrapped.append(per_op(wrapped, count))
+    for round_number in range(rounds):
+        # Which goes first alternates: on a loaded machine the order alone moves a round by a few %.
+        if round_number % 2:
+            result.wrapped.append(per_op(wrapped, count))
+            result.raw.append(per_op(raw, count))
+        else:
+            result.raw.append(per_op(raw, count))
+            result.wrapped.append(per_op(wrapped, count))
+    return result
+
+
+def compare_statement(
+    name: str, statement: str, raw: dict[str, Any], wrapped: dict[str, Any], *, count: int, rounds: int
+) -> Comparison:
+    """:func:`compare` for one statement, compiled into the timed loop itself (``timeit``).
+
+    No function call per operation wraps the statement, so the ratio is the library's own
+    checkout against the guarded one: a call layer around both (a lambda, a helper) adds the
+    same time to each side and pulls the ratio towards 1 (two Python calls are about 2.5% of a
+    bare SQLAlchemy checkout). ``timeit`` pauses the garbage collector, as :func:`timed` does.
+    """
+    timers = {"raw": timeit.Timer(statement, globals=raw), "wrapped": timeit.Timer(statement, globals=wrapped)}
+    for timer in timers.values():  # warm up both paths: caches, lazily made objects, the first connection
+        timer.timeit(count)
+    result = Comparison(name, [], [])
+    for round_number in range(rounds):
+        order = ("wrapped", "raw") if round_number % 2 else ("raw", "wrapped")
+        for side in order:
+            getattr(result, side).append(timers[side].timeit(count) / count)
     return result
 
 
@@ -157,7 +214,7 @@ def latency_result(name: str, samples: list[float], goal_ms: float) -> Result:
         name=name,
         unit="ms",
         wrapped=median_ms,
-        goal=f"< {goal_ms:g} ms",
-        met=median_ms < goal_ms,
+        goal=f"<= {goal_ms:g} ms",
+        met=median_ms <= goal_ms,
         detail=f"p90 {p90_ms:.3f} ms, max {ordered[-1] * 1e3:.3f} ms, {len(ordered)} samples",
     )

@@ -93,15 +93,19 @@ def _chart(result: Result) -> list[str]:
 def _overhead(results: Sequence[Result]) -> list[str]:
     return [
         "Time per operation through a wrapped pool against the same library unwrapped, measured in the same",
-        "process in alternating rounds (raw, poolkeeper, raw, poolkeeper...) so that machine noise hits both",
-        "alike. The ratio is the median of the per-round ratios; the range shows how much rounds disagreed.",
-        "The tracked SQLAlchemy row is leak detection left on (`track_borrowers=True`, or a `leak_threshold`):",
-        "each checkout walks past the library's frames to the line that borrowed and keeps the code object",
-        "and instruction offset of that frame and of at most 3 callers above it (found among at most 12",
-        "frames), so a deep stack costs what a shallow one does; file names and lines are worked out only",
-        "when a borrow is shown. Looking at a frame costs CPython a frame object (the walk is about 2",
-        "thousand instructions a frame), so the cost is the library's depth plus 4 frames. Other rows",
-        "without a goal show what borrower tracking or the bare pool checkout (no I/O at all) costs.",
+        "process in alternating rounds (raw, poolkeeper, poolkeeper, raw...) so that machine noise hits both",
+        "alike, with the garbage collector paused in every timed loop (as `timeit` does: a collection is",
+        "triggered by a count of allocations, so it lands at other moments in the two loops). The ratio is",
+        "the median of the per-round ratios; the range shows how much rounds disagreed. The bare sync",
+        "checkout rows time the statement itself (`timeit`), with no Python call around it: a call layer",
+        "adds the same time to both sides and pulls the ratio towards 1. Rows marked *tracked* are leak",
+        "detection left on (`track_borrowers=True`, or a `leak_threshold`): each checkout walks past the",
+        "library's frames to the line that borrowed and keeps the code object and instruction offset of",
+        "that frame and of at most 3 callers above it (found among at most 12 frames), so a deep stack",
+        "costs what a shallow one does; file names and lines are worked out only when a borrow is shown.",
+        "Looking at a frame costs CPython a frame object, so the cost is the library's depth plus 4",
+        "frames. `python -m benchmarks.instructions` counts the instructions of the bare checkouts",
+        "under valgrind, which load on the machine does not move.",
         "",
         *_table(
             ("measure", "raw library", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
@@ -177,8 +181,8 @@ def _memory(results: Sequence[Result]) -> list[str]:
         "must stay flat.",
         "",
         *_table(
-            ("borrow", "bytes per borrow", "how measured"),
-            [(r.name, figure(r.wrapped, r.unit), r.detail) for r in results],
+            ("borrow", "bytes per borrow", "goal", "verdict", "how measured"),
+            [(r.name, figure(r.wrapped, r.unit), r.goal or "-", _verdict(r), r.detail) for r in results],
         ),
     ]
 
@@ -282,6 +286,7 @@ def markdown(rows: Sequence[Row], machine: Machine) -> str:
         "```bash",
         "nox -s bench                 # installs the project, runs every suite, rewrites this page",
         "python -m benchmarks --help  # the same without nox: --only SUITE, --no-report, --json PATH",
+        "python -m benchmarks.instructions  # instructions per bare checkout, raw/wrapped/tracked (valgrind)",
         "```",
         "",
         "The servers are PostgreSQL and Redis on loopback by default; `POOLKEEPER_POSTGRES_URL` and",

@@ -10,7 +10,17 @@ import time
 import redis
 import redis.asyncio
 
-from benchmarks._measure import Comparison, Result, compare, latency_result, per_op
+from benchmarks._measure import (
+    BARE_GOAL,
+    TRACKED_GOAL,
+    WAKE_UP_GOAL_MS,
+    Comparison,
+    Result,
+    compare,
+    compare_statement,
+    latency_result,
+    timed,
+)
 from poolkeeper import KeeperState, Registry
 
 URL = os.environ.get("POOLKEEPER_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -21,11 +31,13 @@ def sync_ping_overhead() -> list[Result]:
     wrapped = redis.Redis.from_url(URL)
     registry = Registry()
     registry.wrap(wrapped, name="cache")
-    rows = [compare("redis PING round trip", raw.ping, wrapped.ping, count=2000, rounds=31).result(1.05)]
+    rows = [compare("redis PING round trip", raw.ping, wrapped.ping, count=2000, rounds=31).result(BARE_GOAL)]
     tracked_registry = Registry(track_borrowers=True)
     tracked = redis.Redis.from_url(URL)
     tracked_registry.wrap(tracked, name="cache")
-    rows.append(compare("redis PING round trip, tracked", raw.ping, tracked.ping, count=2000, rounds=11).result(None))
+    rows.append(
+        compare("redis PING round trip, tracked", raw.ping, tracked.ping, count=2000, rounds=21).result(TRACKED_GOAL)
+    )
     registry.close()
     tracked_registry.close()
     raw.close()
@@ -38,10 +50,11 @@ async def acompare(
     """:func:`benchmarks._measure.compare` for coroutines: alternating rounds of ``count`` PINGs."""
 
     async def per_ping(client: redis.asyncio.Redis) -> float:
-        started = time.perf_counter()
-        for _ in range(count):
-            await client.ping()
-        return (time.perf_counter() - started) / count
+        with timed():
+            started = time.perf_counter()
+            for _ in range(count):
+                await client.ping()
+            return (time.perf_counter() - started) / count
 
     result = Comparison(name, [], [])
     await per_ping(raw)  # warm up both paths
@@ -66,55 +79,73 @@ async def async_ping_overhead() -> Result:
     await registry.aclose()
     await raw.aclose()
     await wrapped.aclose()
-    return comparison.result(1.05)
+    return comparison.result(BARE_GOAL)
 
 
-def checkout_overhead() -> Result:
+def checkout_overhead() -> list[Result]:
     """get_connection + release alone, no round trip: what the guard adds to the pool's own work."""
     raw = redis.ConnectionPool.from_url(URL)
     wrapped_client = redis.Redis.from_url(URL)
+    tracked_client = redis.Redis.from_url(URL)
     registry = Registry()
     registry.wrap(wrapped_client, name="cache")
-    wrapped = wrapped_client.connection_pool
-    raw.release(raw.get_connection())  # connect once, outside the timing
-    wrapped.release(wrapped.get_connection())
-
-    def checkout(pool: redis.ConnectionPool) -> None:
-        pool.release(pool.get_connection())
-
-    per_op(lambda: checkout(raw), 10)
-    row = compare(
-        "redis get_connection+release (no I/O)", lambda: checkout(raw), lambda: checkout(wrapped), count=2000, rounds=21
-    ).result(None)
+    tracked_registry = Registry(track_borrowers=True)
+    tracked_registry.wrap(tracked_client, name="cache")
+    bare = "pool.release(pool.get_connection())"
+    rows = [
+        compare_statement(
+            f"redis get_connection+release (no I/O){suffix}",
+            bare,
+            {"pool": raw},
+            {"pool": client.connection_pool},
+            count=4000,
+            rounds=31,
+        ).result(goal)
+        for suffix, client, goal in (("", wrapped_client, BARE_GOAL), (", tracked", tracked_client, TRACKED_GOAL))
+    ]
     registry.close()
+    tracked_registry.close()
     raw.disconnect()
-    return row
+    return rows
 
 
-async def async_checkout_overhead() -> Result:
-    """The asyncio pool's get_connection + release alone, no round trip."""
+async def async_checkout_overhead() -> list[Result]:
+    """The asyncio pool's get_connection + release alone, no round trip; untracked and tracked."""
     raw = redis.asyncio.ConnectionPool.from_url(URL)
     client = redis.asyncio.Redis.from_url(URL)
+    tracked_client = redis.asyncio.Redis.from_url(URL)
     registry = Registry()
     registry.wrap(client, name="cache")
-    wrapped = client.connection_pool
+    tracked_registry = Registry(track_borrowers=True)
+    tracked_registry.wrap(tracked_client, name="cache")
 
     async def per_checkout(pool: redis.asyncio.ConnectionPool, count: int = 2000) -> float:
-        started = time.perf_counter()
-        for _ in range(count):
-            await pool.release(await pool.get_connection())  # type: ignore[no-untyped-call]  # unannotated
-        return (time.perf_counter() - started) / count
+        with timed():
+            started = time.perf_counter()
+            for _ in range(count):
+                await pool.release(await pool.get_connection())  # type: ignore[no-untyped-call]  # unannotated
+            return (time.perf_counter() - started) / count
 
-    result = Comparison("redis.asyncio get_connection+release (no I/O)", [], [])
-    await per_checkout(raw, 100)  # connect once and warm up, outside the timing
-    await per_checkout(wrapped, 100)
-    for _ in range(21):
-        result.raw.append(await per_checkout(raw))
-        result.wrapped.append(await per_checkout(wrapped))
+    rows = []
+    for name, kept, goal in (
+        ("redis.asyncio get_connection+release (no I/O)", client.connection_pool, BARE_GOAL),
+        ("redis.asyncio get_connection+release (no I/O), tracked", tracked_client.connection_pool, TRACKED_GOAL),
+    ):
+        result = Comparison(name, [], [])
+        await per_checkout(raw, 100)  # connect once and warm up, outside the timing
+        await per_checkout(kept, 100)
+        for round_number in range(31):
+            first, second = (kept, raw) if round_number % 2 else (raw, kept)
+            times = {id(first): await per_checkout(first), id(second): await per_checkout(second)}
+            result.raw.append(times[id(raw)])
+            result.wrapped.append(times[id(kept)])
+        rows.append(result.result(goal))
     await registry.aclose()
+    await tracked_registry.aclose()
     await raw.disconnect()
     await client.aclose()
-    return result.result(None)
+    await tracked_client.aclose()
+    return rows
 
 
 def sync_drain_latency(samples: int = 30) -> Result:
@@ -143,7 +174,7 @@ def sync_drain_latency(samples: int = 30) -> Result:
         closer.join()
         latencies.append(closed_at[0] - returned_at)
         client.close()
-    return latency_result("redis drain wake-up", latencies, 5.0)
+    return latency_result("redis drain wake-up", latencies, WAKE_UP_GOAL_MS)
 
 
 async def async_drain_latency(samples: int = 30) -> Result:
@@ -162,15 +193,15 @@ async def async_drain_latency(samples: int = 30) -> Result:
         await closing
         latencies.append(time.perf_counter() - returned_at)
         await client.aclose()
-    return latency_result("redis.asyncio drain wake-up", latencies, 2.0)
+    return latency_result("redis.asyncio drain wake-up", latencies, WAKE_UP_GOAL_MS)
 
 
 def run() -> list[Result]:
     rows = sync_ping_overhead()
-    rows.append(checkout_overhead())
+    rows += checkout_overhead()
     rows.append(sync_drain_latency())
     rows.append(asyncio.run(async_ping_overhead()))
-    rows.append(asyncio.run(async_checkout_overhead()))
+    rows += asyncio.run(async_checkout_overhead())
     rows.append(asyncio.run(async_drain_latency()))
     return rows
 

@@ -33,7 +33,16 @@ import sqlalchemy as sa
 from aiohttp import web
 
 import poolkeeper
-from benchmarks._measure import MEMORY, SCALE, CloseOutcome, Result, Row, spread
+from benchmarks._measure import (
+    MEMORY,
+    SCALE,
+    TRACKED_BYTES_GOAL,
+    UNTRACKED_BYTES_GOAL,
+    CloseOutcome,
+    Result,
+    Row,
+    spread,
+)
 from poolkeeper import KeeperState, Registry
 
 if TYPE_CHECKING:
@@ -753,12 +762,15 @@ async def memory_per_borrow(server: HttpServer) -> list[Result]:
     for track in (False, True):
         own, library, frames = redis_memory(track)
         how = f"tracked ({frames}-frame borrow-site stack)" if track else "untracked"
+        goal = TRACKED_BYTES_GOAL if track else UNTRACKED_BYTES_GOAL
         results.append(
             Result(
                 section=MEMORY,
                 name=f"redis connection borrowed, {how}",
                 unit="B",
                 wrapped=own,
+                goal=f"<= {goal:,} B",
+                met=own <= goal,
                 detail=(
                     f"{MEMORY_BORROWS:,} borrows held at once, made {MEMORY_DEPTH} calls deep; "
                     f"redis-py's own checkout allocates {library:.0f} B each"
@@ -768,12 +780,15 @@ async def memory_per_borrow(server: HttpServer) -> list[Result]:
     for track in (False, True):
         own, frames = await http_memory(server, track)
         how = f"tracked ({frames}-frame borrow-site stack)" if track else "untracked"
+        goal = TRACKED_BYTES_GOAL if track else UNTRACKED_BYTES_GOAL
         results.append(
             Result(
                 section=MEMORY,
                 name=f"aiohttp request in flight, {how}",
                 unit="B",
                 wrapped=own,
+                goal=f"<= {goal:,} B",
+                met=own <= goal,
                 detail=(
                     f"{MEMORY_BORROWS:,} responses held unreleased at once, sent {MEMORY_DEPTH} calls deep; "
                     "includes the adapter's per-request record"

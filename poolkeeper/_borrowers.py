@@ -4,8 +4,8 @@ With tracking off a borrow costs one small tuple and a clock read; with tracking
 records where it was borrowed (HikariCP's leak detection does the same), cheaply enough to leave
 on in production: the checkout walks past the library's frames to the borrowing line and keeps
 the code object and instruction offset of that frame and of at most ``_CALLERS`` user frames
-above it, in one flat tuple; a deep stack costs no more than a shallow one. Whether a file is
-plumbing is decided once per file, and file names, line numbers and thread and task names are
+above it, in one flat tuple; a deep stack costs no more than a shallow one. Whether a module is
+plumbing is decided once per module, and file names, line numbers and thread and task names are
 worked out only when a borrow is looked at (a leak warning, a report, ``Keeper.borrowers()``),
 which is rare. Nothing is sampled: every tracked borrow knows its exact borrow site.
 """
@@ -100,11 +100,11 @@ class Frame:
         return f"{self.filename}:{self.lineno} in {self.function}"
 
 
-# Whether a source file is plumbing, decided once per file from its module's name. Keyed by
-# file name because a str caches its hash and a code object does not (hashing one per frame
-# cost more than the rest of the walk). Cleared if it ever grows past _MAX_FILES.
-_plumbing_files: dict[str, bool] = {}
-_MAX_FILES = 20_000
+# Whether a module is plumbing, decided once per module, keyed by its name (frame.f_globals
+# ["__name__"]): a str caches its hash, and f_globals, unlike f_code, is read without raising
+# an audit event (the walk reads one per frame). Cleared if it ever grows past _MAX_MODULES.
+_plumbing_modules: dict[str, bool] = {}
+_MAX_MODULES = 20_000
 
 # How much of the stack a tracked checkout records: the borrow site (the innermost frame outside
 # the libraries, however many library frames lie below it) and at most _CALLERS user frames above
@@ -147,11 +147,14 @@ def add_library_modules(modules: Iterable[str]) -> None:
 
 
 def _learn(frame: Any) -> bool:
-    """Whether ``frame``'s file is plumbing, remembered for the next frames of that file."""
-    files = _plumbing_files
-    if len(files) >= _MAX_FILES:
-        files.clear()
-    plumbing = files[frame.f_code.co_filename] = _is_plumbing(frame)
+    """Whether ``frame``'s module is plumbing, remembered for the next frames of that module."""
+    name = frame.f_globals.get("__name__")
+    if not isinstance(name, str):  # code run with globals of its own: never plumbing, never cached
+        return False
+    modules = _plumbing_modules
+    if len(modules) >= _MAX_MODULES:
+        modules.clear()
+    plumbing = modules[name] = _is_plumbing(frame)
     return plumbing
 
 
@@ -177,17 +180,17 @@ def _capture(frame: Any) -> tuple[Any, ...]:  # noqa: C901 -- both walks inline:
     """The borrow site from ``frame`` up and its callers, as a flat ``(code, offset, code, offset...)``.
 
     Innermost first; empty when every frame is library code. This runs on every tracked
-    checkout, so it does the least it can: per frame, one dict read (is this file plumbing?);
+    checkout, so it does the least it can: per frame, one dict read (is this module plumbing?);
     per user frame kept, its code object and instruction offset. Lines come later
-    (:func:`_frames`). The loops lean on exceptions for the rare cases (a file seen for the
+    (:func:`_frames`). The loops lean on exceptions for the rare cases (a module seen for the
     first time, the end of a greenlet's stack), which cost nothing when nothing is raised.
     """
-    files = _plumbing_files
+    modules = _plumbing_modules
     greenlet: Any = None
     # The borrow site: the first frame outside the libraries, however deep they go.
     while True:
         try:
-            while files[frame.f_code.co_filename]:
+            while modules[frame.f_globals["__name__"]]:
                 frame = frame.f_back
             break
         except KeyError:
@@ -209,13 +212,12 @@ def _capture(frame: Any) -> tuple[Any, ...]:  # noqa: C901 -- both walks inline:
             greenlet, frame = _resume(greenlet)
             if greenlet is None:
                 return tuple(site)
-        code = frame.f_code
         try:
-            plumbing = files[code.co_filename]
+            plumbing = modules[frame.f_globals["__name__"]]
         except KeyError:
             plumbing = _learn(frame)
         if not plumbing:
-            site.append(code)
+            site.append(frame.f_code)
             site.append(frame.f_lasti)
             callers -= 1
             if not callers:

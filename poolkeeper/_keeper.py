@@ -14,6 +14,7 @@ import enum
 import functools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, collected, tracked_entry, untracked_entry
@@ -49,6 +50,7 @@ class KeeperState(enum.Enum):
 _ORDER = {state: index for index, state in enumerate(KeeperState)}
 # Typed as the enum, not its literal, so that reading the state twice is not "unreachable".
 _OPEN: KeeperState = KeeperState.OPEN
+_monotonic = time.monotonic
 
 
 class Keeper:
@@ -229,6 +231,35 @@ class Keeper:
         """Checkouts admitted and still connecting (or pinging): not lent yet, but out for the drain."""
         return len(self._checkouts_in_flight)
 
+    def lend_checkout(self, connection: Any, holder: Any = None) -> bool:
+        """:meth:`lend`, then :meth:`end_checkout`: the checkout begun by :meth:`start_checkout` is done.
+
+        Returns what :meth:`lend` returns. The hot path of every adapter that counts its
+        checkouts in flight, so the two in one call, reading the state once: the borrow is
+        recorded, the checkout stops counting as in flight, then the state is read. Seen open,
+        the closer has not flipped it yet, and will count this borrow when it looks; seen
+        closing, :meth:`_lent_while_closing` does what both methods do then, under the lock.
+        """
+        # tracked_entry() walks from frame 3 above it: here, lend_checkout, the adapter's hook, its caller.
+        entry = tracked_entry(holder) if self._track else (_monotonic(), holder)
+        new = self._borrows.setdefault(connection, entry) is entry
+        self._checkouts_in_flight.pop()
+        if self._state is not _OPEN:
+            return self._lent_while_closing(connection, new)
+        watch = self._leak_watch
+        if new and watch is not None and not watch._armed:  # noqa: SLF001 -- borrowed()'s own test, inline
+            watch.borrowed()
+        return True
+
+    def _lent_while_closing(self, connection: Any, new: bool) -> bool:
+        # lend_checkout() saw closing started: refuse a late borrow as lend() does, wake the closer.
+        lent = not new or self._accept_late(connection)
+        if lent and new and self._leak_watch is not None:
+            self._leak_watch.borrowed()
+        with self._lock:
+            self._wake_if_drained()
+        return lent
+
     def lend(self, connection: Any, holder: Any = None) -> bool:
         """``connection`` has been checked out; returns False if it must be given back and refused.
 
@@ -278,7 +309,8 @@ class Keeper:
         if self._state is _OPEN:
             entry = self._borrows.pop(connection, None)
             if self._state is _OPEN:  # read again: closing may have started since the pop
-                if entry is not None and collected(entry):
+                # collected(entry), inline: this runs on every return.
+                if entry is not None and entry[1] is not None and entry[1]() is None:
                     self._note_gc_return(connection, entry)
                 return
             # Closing started meanwhile: count the return and wake the closer, as below.

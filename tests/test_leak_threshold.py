@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 import threading
 
+import redis
+import redis.asyncio
 import sqlalchemy as sa
 
 from poolkeeper import Registry
@@ -96,3 +100,64 @@ def until_records(handler: WarningSeen, count: int) -> bool:
             return False
         handler.seen.clear()
     return True
+
+
+def test_a_redis_connection_held_past_the_threshold_names_the_line_that_borrowed_it(redis_url):
+    """The sync redis checkout path (lend_checkout) reports the exact borrowing line, as SQLAlchemy's does."""
+    handler = WarningSeen()
+    logger = logging.getLogger("poolkeeper.leaks")
+    logger.addHandler(handler)
+    try:
+        registry = Registry()
+        client = registry.wrap(redis.Redis.from_url(redis_url), name="cache", leak_threshold=0.1)
+        line = sys._getframe().f_lineno + 1  # the next line is the borrow site
+        connection = client.connection_pool.get_connection()
+        assert handler.seen.wait(5)
+        client.connection_pool.release(connection)
+    finally:
+        logger.removeHandler(handler)
+    assert [record.poolkeeper_borrow_site for record in handler.records] == [f"{__file__}:{line}"]  # type: ignore[attr-defined]
+    registry.close()
+    client.close()
+
+
+def test_a_redis_asyncio_connection_held_past_the_threshold_names_the_line_that_borrowed_it(redis_url):
+    """The asyncio redis checkout path reports the exact borrowing line, inside a task."""
+    handler = WarningSeen()
+    logger = logging.getLogger("poolkeeper.leaks")
+    logger.addHandler(handler)
+
+    async def borrow_and_hold() -> int:
+        registry = Registry()
+        client = registry.wrap(redis.asyncio.Redis.from_url(redis_url), name="cache", leak_threshold=0.1)
+        line = sys._getframe().f_lineno + 1  # the next line is the borrow site
+        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated
+        assert await asyncio.to_thread(handler.seen.wait, 5)
+        await client.connection_pool.release(connection)
+        await registry.aclose()
+        await client.aclose()
+        return line
+
+    try:
+        line = asyncio.run(borrow_and_hold())
+    finally:
+        logger.removeHandler(handler)
+    assert [record.poolkeeper_borrow_site for record in handler.records] == [f"{__file__}:{line}"]  # type: ignore[attr-defined]
+
+
+def test_a_borrow_from_code_without_a_module_name_still_names_its_line(make_engine):
+    """Code run with globals of its own (no ``__name__``) is the user's: its line is the borrow site."""
+    handler = WarningSeen()
+    logger = logging.getLogger("poolkeeper.leaks")
+    logger.addHandler(handler)
+    try:
+        registry = Registry()
+        engine = registry.wrap(make_engine(), name="db", leak_threshold=0.1)
+        namespace: dict[str, object] = {"engine": engine}
+        exec(compile("\n\nheld = engine.connect()\n", "<generated borrower>", "exec"), namespace)  # noqa: S102 -- the point
+        assert handler.seen.wait(5)
+        namespace["held"].close()  # type: ignore[attr-defined]
+    finally:
+        logger.removeHandler(handler)
+    assert [record.poolkeeper_borrow_site for record in handler.records] == ["<generated borrower>:3"]  # type: ignore[attr-defined]
+    registry.close()

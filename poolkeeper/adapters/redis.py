@@ -134,10 +134,10 @@ class RedisPoolClosedError(PoolClosedError, RedisError):
 # one call deep, reads no properties and makes no super() object.
 
 
-# The library's own methods are reached through super() at each call rather than saved when
-# the class is made: a patch of ConnectionPool.get_connection made after wrapping (mock.patch)
-# is then what runs, as it would for an unwrapped pool. The guarded class is always the pool's
-# exact class, so super(type(pool), pool) is the library's class.
+# The library's own methods are looked up on the library's class (the guarded class's
+# _pk_library) at each call rather than saved when the class is made: a patch of
+# ConnectionPool.get_connection made after wrapping (mock.patch) is then what runs, as it would
+# for an unwrapped pool. A class attribute read costs less than a super() object per call.
 
 
 def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
@@ -145,61 +145,56 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     # Counted as out from here: connecting (and the health check) are round trips that closing
     # may overtake; a checkout landing after forcing began is cut (issue 13, item 1).
     keeper.start_checkout()
-    library: Any = super(type(pool), pool)
-    window: _QueueLockWindow | None = getattr(pool, "_pk_queue_window", None)
+    library: Any = pool._pk_library  # noqa: SLF001 -- the library's pool class
+    window: _QueueLockWindow | None = pool._pk_queue_window  # noqa: SLF001 -- None but on a blocking pool
     try:
         if window is None:
-            connection = library.get_connection(*args, **options)
+            connection = library.get_connection(pool, *args, **options)
         else:
             with window:  # the queue's get holds its plain lock: see _QueueLockWindow
-                connection = library.get_connection(*args, **options)
+                connection = library.get_connection(pool, *args, **options)
     except BaseException:
         keeper.end_checkout()
         raise
-    lent = keeper.lend(connection)
-    keeper.end_checkout()
-    if not lent:
+    if not keeper.lend_checkout(connection):  # lend() and end_checkout() in one call
         connection.disconnect()  # the sweep of idle connections may be over: do not leave it open
-        library.release(connection)
+        library.release(pool, connection)
         raise keeper.refusal()
     return connection
 
 
 def _release(pool: Any, connection: Any) -> None:
-    window: _QueueLockWindow | None = getattr(pool, "_pk_queue_window", None)
+    window: _QueueLockWindow | None = pool._pk_queue_window  # noqa: SLF001
     if window is None:
-        _release_now(pool, connection)
+        # Back in the pool first: the return may wake the closer, which then closes idle connections.
+        try:
+            pool._pk_library.release(pool, connection)  # noqa: SLF001
+        finally:
+            pool._pk_keeper.checkin(connection)  # noqa: SLF001
     elif window.entered_here:
         # A finaliser (Pipeline.__del__, PubSub.__del__) run by a collection while this thread
         # may hold the blocking pool's queue lock: the put would block on it for ever.
         window.defer(functools.partial(_release, pool, connection))
     else:
         with window:
-            _release_now(pool, connection)
-
-
-def _release_now(pool: Any, connection: Any) -> None:
-    # Back in the pool first: the return may wake the closer, which then closes idle connections.
-    try:
-        super(type(pool), pool).release(connection)
-    finally:
-        pool._pk_keeper.checkin(connection)  # noqa: SLF001
+            try:
+                pool._pk_library.release(pool, connection)  # noqa: SLF001
+            finally:
+                pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
 
 async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
     keeper.start_checkout()  # as in _get_connection: out for the drain while it connects
-    library: Any = super(type(pool), pool)
+    library: Any = pool._pk_library  # noqa: SLF001
     try:
-        connection = await library.get_connection(*args, **options)
+        connection = await library.get_connection(pool, *args, **options)
     except BaseException:
         keeper.end_checkout()
         raise
-    lent = keeper.lend(connection)
-    keeper.end_checkout()
-    if not lent:
+    if not keeper.lend_checkout(connection):  # lend() and end_checkout() in one call
         await connection.disconnect()  # the sweep of idle connections may be over
-        await library.release(connection)
+        await library.release(pool, connection)
         raise keeper.refusal()
     pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
     return connection
@@ -207,7 +202,7 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
 
 async def _release_async(pool: Any, connection: Any) -> None:
     try:
-        await super(type(pool), pool).release(connection)
+        await pool._pk_library.release(pool, connection)  # noqa: SLF001
     finally:
         pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
@@ -216,7 +211,7 @@ def _can_get_connection(pool: Any) -> bool:
     # The predicate asyncio BlockingConnectionPool's waiters re-check when notified: raising here
     # makes a woken waiter fail with the refusal before it takes or makes a connection.
     pool._pk_keeper.admit()  # noqa: SLF001
-    return bool(super(type(pool), pool).can_get_connection())
+    return bool(pool._pk_library.can_get_connection(pool))  # noqa: SLF001
 
 
 _guarded_classes: dict[type[Any], type[Any]] = {}
@@ -231,7 +226,12 @@ def _guarded_class(cls: type[Any]) -> type[Any]:
     """
     with _guarded_lock:
         if cls not in _guarded_classes:
-            namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            namespace: dict[str, Any] = {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_pk_library": cls,
+                "_pk_queue_window": None,  # a sync BlockingConnectionPool's own is set on the pool by attach
+            }
             if issubclass(cls, AsyncConnectionPool):
                 namespace["get_connection"] = _get_connection_async
                 namespace["release"] = _release_async

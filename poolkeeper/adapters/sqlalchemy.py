@@ -156,9 +156,8 @@ def _connect(pool: Any) -> Any:
     # The record is the pool's unit of checkout. Its fairy_ref, SQLAlchemy's own weakref to the
     # fairy the user holds, tells on return whether the garbage collector collected the fairy.
     record = fairy._connection_record  # noqa: SLF001
-    lent = keeper.lend(record, record.fairy_ref)
-    keeper.end_checkout()  # after lend(): the checkout is never out of sight of the drain
-    if not lent:
+    # lend() then end_checkout(), in one call: the checkout is never out of sight of the drain.
+    if not keeper.lend_checkout(record, record.fairy_ref):
         # Landed after forcing began: the force-close and the sweep of idle connections may
         # be over, so close the connection now rather than put it back in the pool.
         fairy.invalidate()
