@@ -143,7 +143,7 @@ def add_library_modules(modules: Iterable[str]) -> None:
     if names:
         _PLUMBING_NAMES = _PLUMBING_NAMES | names
         _PLUMBING_MODULES = (*_PLUMBING_MODULES, *sorted(f"{name}." for name in names))
-        _plumbing_files.clear()  # files already judged may belong to these modules
+        _plumbing_modules.clear()  # modules already judged may be among these
 
 
 def _learn(frame: Any) -> bool:
