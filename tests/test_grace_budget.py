@@ -122,6 +122,7 @@ def connections_by_worker(service: Service, shares: tuple[int, int]) -> list[lis
     """
     by_pid: dict[int, list[http.client.HTTPConnection]] = {}
     spare: list[http.client.HTTPConnection] = []
+    blocked: list[http.client.HTTPConnection] = []
     try:
         for _ in range(80):
             connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
@@ -132,6 +133,12 @@ def connections_by_worker(service: Service, shares: tuple[int, int]) -> list[lis
             counts = sorted((len(held) for held in by_pid.values()), reverse=True)
             if len(counts) == 2 and counts[0] >= shares[0] and counts[1] >= shares[1]:
                 break
+            if len(by_pid) == 1 and len(by_pid[pid]) > shares[0]:
+                # On an idle machine one worker can win every accept: hold its event loop for a
+                # moment, so that the next connections are accepted by the other worker.
+                holder = by_pid[pid].pop()
+                holder.request("GET", "/block-loop?seconds=1")
+                blocked.append(holder)
         else:
             pytest.fail(f"80 connections did not reach both workers in shares {shares}: {by_pid}")
         first, second = sorted(by_pid.values(), key=len, reverse=True)
@@ -139,6 +146,9 @@ def connections_by_worker(service: Service, shares: tuple[int, int]) -> list[lis
         spare = first[shares[0] :] + second[shares[1] :]
         return chosen
     finally:
+        for connection in blocked:
+            connection.getresponse().read()  # the worker's loop runs again
+            connection.close()
         for connection in spare:
             connection.close()
 

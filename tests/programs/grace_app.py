@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -89,6 +90,13 @@ def slow_sync(seconds: float = 60) -> dict[str, str]:
 @app.get("/whoami")
 async def whoami() -> dict[str, int]:
     """Which process serves this connection."""
+    return {"pid": os.getpid()}
+
+
+@app.get("/block-loop")
+async def block_loop(seconds: float = 1.0) -> dict[str, int]:
+    """Hold this worker's event loop (blocking on purpose): the test steers new connections to the other worker."""
+    time.sleep(seconds)  # noqa: ASYNC251 -- blocking the event loop is the point
     return {"pid": os.getpid()}
 
 
