@@ -15,6 +15,7 @@ what it raises. ``docs/adapters.md`` shows a complete third-party adapter.
 from __future__ import annotations
 
 import abc
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from poolkeeper._borrowers import add_library_modules
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
+    from poolkeeper._report import ResourceReport
 
-__all__ = ["Driver", "run_blocking", "run_on_loop", "unsupported_version"]
+__all__ = ["Driver", "log_own_close", "run_blocking", "run_on_loop", "unsupported_version"]
 
 
 class Driver(abc.ABC):
@@ -230,4 +232,21 @@ def unsupported_version(
     return UnsupportedResourceError(
         f"poolkeeper cannot wrap this {library} object: the installed {library} {installed} lacks "
         f"{', '.join(missing)}; poolkeeper supports {library} {supported}"
+    )
+
+
+def log_own_close(logger: logging.Logger, report: ResourceReport, how: str) -> None:
+    """Log the report of a close the application started with the library's own call (``how``)."""
+    leaks = "".join(f"\n{leak.format()}" for leak in report.leaks)
+    logger.log(
+        logging.INFO if report.ok else logging.WARNING,
+        "poolkeeper %r: closed by %s: %s (borrowed %d, returned %d, forced %d)%s",
+        report.name,
+        how,
+        report.outcome,
+        report.borrowed_at_start,
+        report.returned,
+        report.forced,
+        leaks,
+        extra={"poolkeeper_keeper": report.name, "poolkeeper_report": report.to_dict()},
     )

@@ -42,7 +42,7 @@ from poolkeeper._redact import redact, secret_values
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
-from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.adapters._base import Driver, log_own_close, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
@@ -616,7 +616,7 @@ class AsyncpgDriver(Driver):
             self.terminate_pool()
             raise
         if report.outcome != "skipped":
-            _log_own_close(report, "Pool.close()")
+            log_own_close(logger, report, "Pool.close()")
 
     def terminate_pool(self) -> None:
         """``pool.terminate()``: force-close at once, without waiting for anything.
@@ -672,22 +672,6 @@ def _shutdown_sockets(connections: Iterable[Any]) -> None:
         fd = socket_fd(connection)
         if fd is not None:
             shutdown_socket(fd)
-
-
-def _log_own_close(report: ResourceReport, how: str) -> None:
-    leaks = "".join(f"\n{leak.format()}" for leak in report.leaks)
-    logger.log(
-        logging.INFO if report.ok else logging.WARNING,
-        "poolkeeper %r: closed by %s: %s (borrowed %d, returned %d, forced %d)%s",
-        report.name,
-        how,
-        report.outcome,
-        report.borrowed_at_start,
-        report.returned,
-        report.forced,
-        leaks,
-        extra={"poolkeeper_keeper": report.name, "poolkeeper_report": report.to_dict()},
-    )
 
 
 def make_driver(resource: Any) -> AsyncpgDriver:

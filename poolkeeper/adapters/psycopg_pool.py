@@ -56,7 +56,7 @@ from poolkeeper.adapters._abort import (
     shutdown_socket,
     socket_fd,
 )
-from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.adapters._base import Driver, log_own_close, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
@@ -680,7 +680,7 @@ class PsycopgPoolDriver(Driver):
             return
         report = _run_blocking_coroutine(close_keeper(self.keeper, None, 0.0))
         if report.outcome != "skipped":
-            _log_own_close(report, f"{self.library_class.__name__}.close()")
+            log_own_close(logger, report, f"{self.library_class.__name__}.close()")
 
     async def close_pool(self, timeout: float) -> None:
         """``await pool.close(timeout)`` of an async pool: the same as :meth:`close_pool_blocking`.
@@ -699,7 +699,7 @@ class PsycopgPoolDriver(Driver):
             self._forced_close = asyncio.ensure_future(close_keeper(self.keeper, None, 0.0))
             raise
         if report.outcome != "skipped":
-            _log_own_close(report, f"{self.library_class.__name__}.close()")
+            log_own_close(logger, report, f"{self.library_class.__name__}.close()")
 
     _forced_close: asyncio.Future[ResourceReport] | None = None
 
@@ -774,22 +774,6 @@ def _run_blocking_coroutine(coroutine: Coroutine[Any, Any, ResourceReport]) -> R
     if errors:
         raise errors[0]
     return result[0]
-
-
-def _log_own_close(report: ResourceReport, how: str) -> None:
-    leaks = "".join(f"\n{leak.format()}" for leak in report.leaks)
-    logger.log(
-        logging.INFO if report.ok else logging.WARNING,
-        "poolkeeper %r: closed by %s: %s (borrowed %d, returned %d, forced %d)%s",
-        report.name,
-        how,
-        report.outcome,
-        report.borrowed_at_start,
-        report.returned,
-        report.forced,
-        leaks,
-        extra={"poolkeeper_keeper": report.name, "poolkeeper_report": report.to_dict()},
-    )
 
 
 def make_driver(resource: Any) -> PsycopgPoolDriver:
