@@ -35,7 +35,6 @@ __all__ = [
     "capture_stack",
     "collected",
     "tracked_entry",
-    "untracked_entry",
 ]
 
 #: What cut a keeper's drain short, so that its borrowed connections were force-closed.
@@ -257,11 +256,6 @@ def capture_stack(skip: int = 2) -> tuple[Frame, ...]:
 # shown: reading them costs more than the rest of the entry).
 Entry = tuple[Any, ...]
 _UNTRACKED_LENGTH = 2
-
-
-def untracked_entry(holder: Any) -> Entry:
-    """The entry of an untracked borrow."""
-    return (time.monotonic(), holder)
 
 
 def tracked_entry(holder: Any) -> Entry:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, collected, tracked_entry, untracked_entry
+from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, collected, tracked_entry
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._gc_safe_lock import GcSafeLock
 from poolkeeper._leak_watch import LeakWatch
@@ -81,7 +81,6 @@ class Keeper:
         self._track = track_borrowers or leak_threshold is not None
         # One timer per keeper scanning its live borrows: nothing is kept per checkout.
         self._leak_watch = None if leak_threshold is None else LeakWatch(self, leak_threshold)
-        self._new_entry = tracked_entry if self._track else untracked_entry
         # Lock discipline (issue 19): the garbage collector may return a connection (checkin,
         # _note_gc_return) from a finaliser at any allocation, in the thread that holds this lock.
         # Such a re-entry is deferred until the section ends (GcSafeLock), never blocked on; the
@@ -272,7 +271,8 @@ class Keeper:
             holder: ``None``, or a weakref to the object the user holds; if it is dead when the
                 connection comes back, the garbage collector returned it (a leak).
         """
-        entry = self._new_entry(holder)
+        # tracked_entry() walks from frame 3 above it: here, lend, the adapter's hook, its caller.
+        entry = tracked_entry(holder) if self._track else (_monotonic(), holder)
         if self._borrows.setdefault(connection, entry) is not entry:
             return True  # the same connection handed out again (SingletonThreadPool): one borrow
         if self._state is not _OPEN and not self._accept_late(connection):

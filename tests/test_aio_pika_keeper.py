@@ -269,6 +269,49 @@ async def test_prefetched_messages_are_given_back_at_once(connect, broker):
     assert sorted(message.body for message in await broker.drain(name)) == [str(i).encode() for i in range(1, 10)]
 
 
+async def test_an_idle_queue_iterator_loop_ends_when_closing_starts(connect, broker):
+    """``async for`` over an empty queue.iterator() ends as closing starts, while another handler still drains.
+
+    aio-pika 9.x waits for a next message forever once its consumer is cancelled: without the
+    keeper's end marker, the iterating task never finished.
+    """
+    registry = Registry(drain_timeout=30)
+    connection = registry.wrap(await connect(), name="mq")
+    channel = await connection.channel()
+    idle_name, busy_name = await broker.queue(), await broker.queue()
+    iterated: list[bytes] = []
+
+    async def iterate() -> str:
+        async with (await channel.declare_queue(idle_name, passive=True)).iterator() as iterator:
+            async for message in iterator:
+                iterated.append(message.body)
+                await message.ack()
+        return "ended"
+
+    release = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def hold(message: AbstractIncomingMessage) -> None:
+        async with message.process():
+            holding.set()
+            await release.wait()
+
+    loop_task = asyncio.ensure_future(iterate())
+    await (await channel.declare_queue(busy_name, passive=True)).consume(hold)
+    await broker.publish(idle_name, ["one"])
+    await broker.publish(busy_name, ["held"])
+    await asyncio.wait_for(holding.wait(), 5)
+    await auntil(lambda: iterated == [b"one"] and registry["mq"].borrowed == 1)
+    closing = asyncio.ensure_future(registry.aclose())
+    assert await asyncio.wait_for(loop_task, 5) == "ended"
+    assert registry["mq"].state is KeeperState.DRAINING  # the loop ended before the drain did
+    release.set()
+    report = await closing
+    assert (report["mq"].outcome, report["mq"].borrowed_at_start, report["mq"].forced) == ("clean", 1, 0)
+    assert await broker.counts(idle_name) == (0, 0)
+    assert await broker.counts(busy_name) == (0, 0)
+
+
 async def test_a_hanging_handler_is_cancelled_and_its_message_requeued(connect, broker):
     """At the drain deadline a handler still running is cancelled, its message requeued and reported with its tag."""
     registry = Registry(drain_timeout=0.5)

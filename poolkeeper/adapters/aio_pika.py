@@ -105,17 +105,20 @@ class AioPikaPoolClosedError(PoolClosedError, ChannelInvalidStateError):
 class _Delivery:
     """One delivered message from its handler's start to its ack, nack or reject: the unit of borrow."""
 
-    __slots__ = ("channel", "driver", "forced", "message", "no_ack", "queue", "task")
+    __slots__ = ("channel", "driver", "forced", "keeper", "message", "no_ack", "queue", "task")
 
     def __init__(
         self,
         driver: AioPikaDriver,
+        keeper: Keeper,
         message: IncomingMessage,
         queue: str,
         task: asyncio.Task[Any] | None,
+        *,
         no_ack: bool,
     ) -> None:
         self.driver = driver
+        self.keeper = keeper  # driver.keeper, read once per consumer: the ack reads it per message
         self.message = message
         self.queue = queue
         # The handler's task; None while the message waits in a queue iterator's buffer.
@@ -172,7 +175,7 @@ def _guarded(cls: type[Any], factory: Callable[[type[Any]], type[Any]]) -> type[
 def _settle(delivery: _Delivery) -> None:
     """The delivery is over (acked, given back, or its channel closed): end its borrow."""
     if _OUT.pop(delivery.message, None) is delivery:
-        delivery.driver.keeper.checkin(delivery)
+        delivery.keeper.checkin(delivery)
 
 
 def _settle_up_to(delivery: _Delivery) -> None:
@@ -191,13 +194,17 @@ class _MessageGuard(IncomingMessage):
         delivery = _OUT.get(self)
         if delivery is not None and delivery.forced:
             raise MessageProcessError(
-                f"poolkeeper {delivery.driver.keeper.name!r} requeued this message at the drain deadline "
+                f"poolkeeper {delivery.keeper.name!r} requeued this message at the drain deadline "
                 f"({delivery.describe()}); it was not acknowledged",
                 self,
             )
         await super().ack(multiple)
-        if delivery is not None:
-            _settle_up_to(delivery) if multiple else _settle(delivery)
+        if delivery is None:
+            return
+        if multiple:
+            _settle_up_to(delivery)
+        elif _OUT.pop(self, None) is delivery:  # _settle(delivery), inline: this runs once per message
+            delivery.keeper.checkin(delivery)
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
         delivery = _OUT.get(self)
@@ -220,17 +227,19 @@ class _MessageGuard(IncomingMessage):
 
 _guarded_messages: dict[type[Any], type[Any]] = {IncomingMessage: _MessageGuard}
 
+# The class swap skips aio-pika's Message.__setattr__ (a Python call checking its lock flag,
+# which does not apply to __class__): this runs once per delivered message.
+_set_class = object.__setattr__
 
-def _guard_message(message: IncomingMessage) -> None:
-    cls = type(message)
-    guarded = _guarded_messages.get(cls)
-    if guarded is None:
-        if issubclass(cls, _MessageGuard):
-            return
-        guarded = _guarded_messages[cls] = type(
-            cls.__name__, (cls, _MessageGuard), {"__module__": cls.__module__, "__slots__": ()}
-        )
-    message.__class__ = guarded
+
+def _guarded_message_class(cls: type[Any]) -> type[Any]:
+    """The guarded class for a message class met for the first time (a subclass of IncomingMessage)."""
+    if issubclass(cls, _MessageGuard):
+        return cls
+    guarded = _guarded_messages[cls] = type(
+        cls.__name__, (cls, _MessageGuard), {"__module__": cls.__module__, "__slots__": ()}
+    )
+    return guarded
 
 
 def _connection_guard(base: type[Any]) -> type[Any]:
@@ -292,6 +301,25 @@ def _queue_guard(base: type[Any]) -> type[Any]:
     return GuardedQueue
 
 
+class _EndOfIteration:
+    """Put in a queue iterator's buffer as closing starts: the iterating ``async for`` ends there.
+
+    aio-pika 9.x waits for a next message forever once the consumer is cancelled (10.x wakes
+    when the channel closes, after the drain). A loop over ``queue.iterator()`` ends when
+    consuming stops, as the callbacks of ``queue.consume()`` do, so that the task iterating can
+    finish and return.
+    """
+
+    async def nack(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to give back: the iterator's own close() nacks what is left in its buffer."""
+
+    def __repr__(self) -> str:
+        return "<poolkeeper: end of iteration>"
+
+
+_END = _EndOfIteration()
+
+
 def _iterator_guard(base: type[Any]) -> type[Any]:
     """A queue iterator that ends once closing starts, giving back the message it would have returned."""
 
@@ -299,17 +327,22 @@ def _iterator_guard(base: type[Any]) -> type[Any]:
         async def __anext__(self) -> Any:
             driver = _channel_driver(self._amqp_queue.channel)
             if driver is not None and not driver.keeper.lending:
-                # Closing started: the consumer is cancelled and the buffer given back. aio-pika 9.x
-                # would wait for a next message forever; 10.x wakes when the channel closes.
-                raise StopAsyncIteration
+                raise StopAsyncIteration  # closing started: the consumer is cancelled, the buffer given back
             message = await super().__anext__()
+            if message is _END:
+                raise StopAsyncIteration
             delivery = _OUT.get(message)
             if delivery is not None:
-                if not delivery.driver.keeper.lending:
+                if not delivery.keeper.lending:
                     await delivery.driver.give_back(message)
                     raise StopAsyncIteration
                 delivery.task = asyncio.current_task()  # handed to a handler: the iterating task
             return message
+
+        async def end(self) -> None:
+            """Wake the ``async for`` waiting on this iterator: it ends (its buffer is empty by now)."""
+            # Through on_message(), not the buffer itself: 10.x also sets the event __anext__ waits on.
+            await super().on_message(_END)
 
     return GuardedQueueIterator
 
@@ -396,6 +429,7 @@ class AioPikaDriver(Driver):
         keeper = self.keeper
         lend = keeper.lend
         out = _OUT
+        guarded_messages = _guarded_messages
         buffered = isinstance(getattr(callback, "__self__", None), QueueIterator)  # an iterator's buffer
         if buffered and no_ack:
             return callback  # nothing to give back, and the iterating task is no borrow of ours
@@ -408,11 +442,14 @@ class AioPikaDriver(Driver):
                 await self.give_back(message)
                 return None
             try:
-                delivery = _Delivery(self, message, queue_name, None if buffered else current_task(), no_ack)
+                delivery = _Delivery(
+                    self, keeper, message, queue_name, None if buffered else current_task(), no_ack=no_ack
+                )
             except ChannelInvalidStateError:
                 return None  # its channel closed already: the broker requeued it
             if not no_ack:
-                _guard_message(message)
+                cls = type(message)
+                _set_class(message, "__class__", guarded_messages.get(cls) or _guarded_message_class(cls))
             out[message] = delivery
             if not lend(delivery):
                 out.pop(message, None)
@@ -496,6 +533,7 @@ class AioPikaDriver(Driver):
             buffer = iterator._queue  # noqa: SLF001 -- see the table at the top
             while not buffer.empty():
                 held.append(buffer.get_nowait())
+            await iterator.end()
         for message in held:
             await self._nack(message)
         logger.info(
