@@ -150,6 +150,42 @@ async def test_a_hanging_handler_is_cancelled_and_its_message_redelivered(client
     assert await stream.collect("w", 1) == [("hang", 2)]
 
 
+async def test_a_pull_consumer_still_handling_at_the_deadline_is_cancelled(client, stream):
+    """The task that fetched a message is its handler: cancelled at the deadline, the message nacked and redelivered."""
+    registry = Registry(drain_timeout=0.5)
+    registry.wrap(client, name="nats")
+    await stream.publish(["hang"])
+    pull = await client.jetstream().pull_subscribe(stream.subject, durable="p")
+    started = asyncio.Event()
+    late: list[BaseException] = []
+
+    async def consume() -> None:
+        for message in await pull.fetch(1, timeout=5):
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                try:
+                    await message.ack()  # too late: the force-close gave it back
+                except BaseException as error:
+                    late.append(error)
+                raise
+
+    consumer = asyncio.ensure_future(consume())
+    await asyncio.wait_for(started.wait(), 5)
+    report = await registry.aclose()
+    item = report["nats"]
+    assert (item.outcome, item.forced) == ("forced", 1)
+    assert [leak.detail for leak in item.leaks] == [f"stream {stream.name!r} consumer 'p' sequence 1"]
+    assert consumer.cancelled()
+    assert len(late) == 1
+    assert isinstance(late[0], MsgAlreadyAckdError)
+    again = await stream.js.pull_subscribe(stream.subject, durable="p")
+    [redelivered] = await again.fetch(1, timeout=5)
+    assert (redelivered.data, redelivered.metadata.num_delivered) == (b"hang", 2)
+    await redelivered.ack()
+
+
 async def test_closing_refuses_subscribe_and_fetch_but_not_publish(client, stream):
     """While draining: subscribe() and a pull fetch raise PoolClosedError; publishing still works."""
     registry = Registry(drain_timeout=30)

@@ -24,13 +24,13 @@ from poolkeeper.errors import PoolClosedError, UnsupportedResourceError
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from poolkeeper._borrowers import Borrow
     from poolkeeper._keeper import Keeper
     from poolkeeper._report import ResourceReport
 
-__all__ = ["Driver", "log_own_close", "run_blocking", "run_on_loop", "unsupported_version"]
+__all__ = ["Driver", "guarded_subclass", "log_own_close", "run_blocking", "run_on_loop", "unsupported_version"]
 
 
 class Driver(abc.ABC):
@@ -250,3 +250,26 @@ def log_own_close(logger: logging.Logger, report: ResourceReport, how: str) -> N
         leaks,
         extra={"poolkeeper_keeper": report.name, "poolkeeper_report": report.to_dict()},
     )
+
+
+_guarded_classes: dict[tuple[type[Any], Callable[[type[Any]], type[Any]]], type[Any]] = {}
+
+
+def guarded_subclass(cls: type[Any], factory: Callable[[type[Any]], type[Any]]) -> type[Any]:
+    """``factory(cls)``: a guarded subclass of a library class, made once; ``cls`` itself if guarded already.
+
+    For guards put on an object by ``__class__`` assignment: ``factory`` defines a plain
+    single-inheritance subclass (a mixin would change the instance layout, and ``__class__``
+    assignment needs the same layout), so that zero-argument ``super()`` reaches the library's
+    own method, patched or not. The subclass takes the library class's names, so that reprs and
+    tracebacks read as before.
+    """
+    if getattr(cls, "_poolkeeper_guard", None) is factory:
+        return cls
+    key = (cls, factory)
+    if key not in _guarded_classes:
+        guarded = factory(cls)
+        guarded.__name__, guarded.__qualname__, guarded.__module__ = cls.__name__, cls.__qualname__, cls.__module__
+        setattr(guarded, "_poolkeeper_guard", factory)  # noqa: B010 -- marks the class as guarded; mypy knows no such name
+        _guarded_classes[key] = guarded
+    return _guarded_classes[key]

@@ -42,7 +42,7 @@ from aio_pika.queue import QueueIterator
 from poolkeeper._concurrency import run_on_loop
 from poolkeeper._keeper import KeeperState
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.adapters._base import Driver, guarded_subclass, unsupported_version
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
@@ -151,25 +151,7 @@ def _channel_driver(channel: Any) -> AioPikaDriver | None:
     return None if connection is None else _driver_of(connection)
 
 
-# -- guarded classes: subclasses of the library's own, made once per library class -------------
-# Each is a plain single-inheritance subclass made by a factory below (a mixin would change the
-# instance layout, and __class__ assignment needs the same layout), so that zero-argument
-# super() reaches the library's own method, patched or not.
-
-_guarded_classes: dict[tuple[type[Any], Callable[[type[Any]], type[Any]]], type[Any]] = {}
-
-
-def _guarded(cls: type[Any], factory: Callable[[type[Any]], type[Any]]) -> type[Any]:
-    """``factory(cls)``, made once; ``cls`` itself if it is that guarded class already."""
-    if getattr(cls, "_poolkeeper_guard", None) is factory:
-        return cls
-    key = (cls, factory)
-    if key not in _guarded_classes:
-        guarded = factory(cls)
-        guarded.__name__, guarded.__qualname__, guarded.__module__ = cls.__name__, cls.__qualname__, cls.__module__
-        setattr(guarded, "_poolkeeper_guard", factory)  # noqa: B010 -- marks the class as guarded; mypy knows no such name
-        _guarded_classes[key] = guarded
-    return _guarded_classes[key]
+# -- guarded classes: subclasses of the library's own (guarded_subclass()), one per library class
 
 
 def _settle(delivery: _Delivery) -> None:
@@ -253,8 +235,8 @@ def _connection_guard(base: type[Any]) -> type[Any]:
             channel = super().channel(*args, **kwargs)
             if driver is not None:
                 # Read as the channel opens (the default exchange) and by every declare_*/get_*.
-                channel.QUEUE_CLASS = _guarded(channel.QUEUE_CLASS, _queue_guard)
-                channel.EXCHANGE_CLASS = _guarded(channel.EXCHANGE_CLASS, _exchange_guard)
+                channel.QUEUE_CLASS = guarded_subclass(channel.QUEUE_CLASS, _queue_guard)
+                channel.EXCHANGE_CLASS = guarded_subclass(channel.EXCHANGE_CLASS, _exchange_guard)
             return channel
 
         async def close(self, *args: Any, **kwargs: Any) -> None:
@@ -294,7 +276,7 @@ def _queue_guard(base: type[Any]) -> type[Any]:
             iterator = super().iterator(**kwargs)
             driver = _channel_driver(self.channel)
             if driver is not None:
-                iterator.__class__ = _guarded(type(iterator), _iterator_guard)
+                iterator.__class__ = guarded_subclass(type(iterator), _iterator_guard)
                 driver.iterators.add(iterator)
             return iterator
 
@@ -411,7 +393,7 @@ class AioPikaDriver(Driver):
             raise ValueError("resource: this aio-pika connection is already closed")
         vars(connection)["_poolkeeper_driver"] = self
         try:
-            connection.__class__ = _guarded(self._library_class, _connection_guard)
+            connection.__class__ = guarded_subclass(self._library_class, _connection_guard)
         except BaseException:
             vars(connection).pop("_poolkeeper_driver", None)
             raise

@@ -5,9 +5,9 @@ messages it receives are of a guarded subclass of ``nats.aio.msg.Msg``, so that:
 
 * a JetStream message (one with an ``$JS.ACK.`` reply subject) is a borrow from the moment the
   client receives it until it is acked, nacked or terminated (``ack``, ``ack_sync``, ``nak``,
-  ``term``); ``in_progress`` keeps it borrowed. For a callback subscription the handler's task is
-  recorded when the callback starts; for a pull subscription, nothing is cancelled at the deadline
-  (there is no handler task to know), the messages are only nacked;
+  ``term``); ``in_progress`` keeps it borrowed. Its handler is the task it is handed to: the
+  callback's task for a callback subscription, the task calling ``fetch()`` for a pull one
+  (through the client's ``jetstream()`` context);
 * once closing starts, every subscription made by the application is unsubscribed on the server
   (push consumers stop receiving, pull requests get no more messages), the JetStream messages
   still waiting in a subscription's buffer are nacked at once (redelivered now, to another
@@ -39,7 +39,7 @@ from nats.errors import ConnectionClosedError, MsgAlreadyAckdError
 
 from poolkeeper._concurrency import run_on_loop
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.adapters._base import Driver, guarded_subclass, unsupported_version
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ logger = logging.getLogger("poolkeeper.nats")
 #   Client._subs, Subscription._id,        2.7+   the subscriptions and their buffers
 #     ._pending_queue, ._pending_size, ._cb
 #   Msg.reply, ._ackd, .metadata           2.7+
+#   Client.jetstream(),                    2.7+   the context whose pull subscriptions are guarded;
+#     JetStreamContext.pull_subscribe_bind         pull_subscribe() makes its subscription there too
+#     PullSubscription.fetch                       returns the messages to the task calling it
 
 #: The nats-py versions this adapter is tested with.
 SUPPORTED_VERSIONS = ">=2.7.0"
@@ -164,6 +167,35 @@ def _driver_of(client: Any) -> NatsDriver | None:
     return getattr(client, "_poolkeeper_driver", None)
 
 
+def _jetstream_guard(base: type[Any]) -> type[Any]:
+    """A JetStream context whose pull subscriptions record the task each fetched message goes to."""
+
+    class GuardedJetStreamContext(base):  # type: ignore[misc]  # a library class chosen at run time
+        async def pull_subscribe_bind(self, *args: Any, **kwargs: Any) -> Any:
+            # pull_subscribe() ends here too: the one place a PullSubscription is made.
+            subscription = await super().pull_subscribe_bind(*args, **kwargs)
+            subscription.__class__ = guarded_subclass(type(subscription), _pull_guard)
+            return subscription
+
+    return GuardedJetStreamContext
+
+
+def _pull_guard(base: type[Any]) -> type[Any]:
+    """``fetch()`` hands its messages to the task calling it: that task is their handler."""
+
+    class GuardedPullSubscription(base):  # type: ignore[misc]  # a library class chosen at run time
+        async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+            messages = await super().fetch(*args, **kwargs)
+            task = asyncio.current_task()
+            for message in messages:
+                delivery = _delivery(message)
+                if delivery is not None:
+                    delivery.task = task  # cancelled at the drain deadline if its message is still out
+            return messages
+
+    return GuardedPullSubscription
+
+
 _guarded_clients: dict[type[Any], type[Any]] = {}
 
 
@@ -179,6 +211,12 @@ def _guarded_client_class(base: type[Any]) -> type[Any]:  # noqa: C901 -- one cl
                 if driver is not None and isinstance(message, GuardedMsg):
                     driver.received(message)
                 return message
+
+            def jetstream(self, **opts: Any) -> Any:
+                context = super().jetstream(**opts)
+                if _driver_of(self) is not None:
+                    context.__class__ = guarded_subclass(type(context), _jetstream_guard)
+                return context
 
             async def subscribe(self, subject: str, *args: Any, **kwargs: Any) -> Any:
                 driver = _driver_of(self)
