@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from poolkeeper._concurrency import current_task_of
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from types import CodeType
@@ -120,7 +122,7 @@ _get_ident = threading.get_ident
 # current_thread() without its Python frame; threading resets this dict in place after a fork.
 _threads: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]  # noqa: SLF001 -- private, but there since Python 2
 _running_loop = asyncio._get_running_loop  # noqa: SLF001 -- None without raising: current_task() raises then
-_current_task = asyncio.current_task
+_current_task = current_task_of  # the C way on 3.12+, a dict read on 3.11
 
 
 def _is_plumbing(frame: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -12,9 +13,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-__all__ = ["run_blocking", "run_on_loop", "wake_soon"]
+__all__ = ["current_task_of", "run_blocking", "run_on_loop", "wake_soon"]
 
 T = TypeVar("T")
+
+
+#: ``current_task_of(loop)``: the task running on ``loop`` now, or ``None``; for hot paths.
+#: On 3.12+ that is ``asyncio.current_task``, in C. On 3.11 ``current_task`` is a Python function
+#: around the dict the C tasks record themselves in: reading the dict directly costs a fifth.
+current_task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+if sys.version_info >= (3, 12):
+    current_task_of = asyncio.current_task
+else:
+    current_task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]  # noqa: SLF001 -- what current_task(loop) returns on 3.11
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

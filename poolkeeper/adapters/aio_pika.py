@@ -31,6 +31,8 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from functools import partial
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -39,7 +41,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 from aio_pika.message import IncomingMessage
 from aio_pika.queue import QueueIterator
 
-from poolkeeper._concurrency import run_on_loop
+from poolkeeper._concurrency import current_task_of, run_on_loop
 from poolkeeper._keeper import KeeperState
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._base import Driver, guarded_subclass, unsupported_version
@@ -70,7 +72,8 @@ logger = logging.getLogger("poolkeeper.aio_pika")
 #   QueueIterator.on_message, ._queue,          9.4+  its consumer callback, its buffer (an
 #     ._amqp_queue                                     asyncio.Queue, emptied by the close), its queue
 #   IncomingMessage.ack/nack/reject, .channel,  9.4+  (the class uses __slots__: the guarded subclass
-#     .delivery_tag, .processed                        adds none, so __class__ assignment works)
+#     .delivery_tag, .processed                        adds none, so __class__ assignment works);
+#     ._IncomingMessage__channel                       the slot behind .channel, read per message
 #   aiormq Channel.basic_nack, .closing         aiormq 6.8+
 
 #: The aio-pika versions this adapter is tested with.
@@ -86,6 +89,7 @@ _REQUIRED: tuple[tuple[Any, str], ...] = (
     (aio_pika.Queue, "iterator"),
     (QueueIterator, "on_message"),
     (IncomingMessage, "processed"),
+    (IncomingMessage, "_IncomingMessage__channel"),
 )
 
 
@@ -102,30 +106,34 @@ class AioPikaPoolClosedError(PoolClosedError, ChannelInvalidStateError):
     """
 
 
-class _Delivery:
-    """One delivered message from its handler's start to its ack, nack or reject: the unit of borrow."""
+class _Delivery(tuple[Any, ...]):
+    """One delivered message from its handler's start to its ack, nack or reject: the unit of borrow.
 
-    __slots__ = ("channel", "driver", "forced", "keeper", "message", "no_ack", "queue", "task")
+    ``(driver, keeper, message, queue name, aiormq channel, handler task)``. A tuple, made by
+    :data:`_new_delivery` without a Python-level ``__init__``, because one is made for every
+    message; compared and hashed by identity, as each delivery is a borrow of its own. The
+    handler task is ``None`` while the message waits in a queue iterator's buffer (then see
+    :data:`_HANDED`).
+    """
 
-    def __init__(
-        self,
-        driver: AioPikaDriver,
-        keeper: Keeper,
-        message: IncomingMessage,
-        queue: str,
-        task: asyncio.Task[Any] | None,
-        *,
-        no_ack: bool,
-    ) -> None:
-        self.driver = driver
-        self.keeper = keeper  # driver.keeper, read once per consumer: the ack reads it per message
-        self.message = message
-        self.queue = queue
-        # The handler's task; None while the message waits in a queue iterator's buffer.
-        self.task = task
-        self.no_ack = no_ack
-        self.channel: Any = message.channel  # the aiormq channel it was delivered on
-        self.forced = False
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+    if TYPE_CHECKING:
+        driver: AioPikaDriver
+        keeper: Keeper
+        message: IncomingMessage
+        queue: str
+        channel: Any  # the aiormq channel it was delivered on
+    else:  # read-only fields, read without a Python-level call (as namedtuple's are)
+        driver, keeper, message, queue, channel = (property(itemgetter(index)) for index in range(5))
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The handler's task: the consumer callback's, or the task iterating that took it."""
+        task: asyncio.Task[Any] | None = self[5]
+        return _HANDED.get(self) if task is None else task
 
     @property
     def tag(self) -> int | None:
@@ -136,9 +144,18 @@ class _Delivery:
         return f"queue {self.queue!r} delivery tag {self.tag}"
 
 
+_new_delivery: Callable[[tuple[Any, ...]], _Delivery] = partial(tuple.__new__, _Delivery)
+# What IncomingMessage.channel returns, read without its Python-level property (the closed check
+# it makes is done beside it).
+_message_channel: Callable[[IncomingMessage], Any] = attrgetter("_IncomingMessage__channel")
+
 # Every delivery out now, by message: how a guarded message finds its borrow. Entries leave at
 # the ack, nack or reject, when the channel closes, or at the force-close: bounded by prefetch.
 _OUT: dict[IncomingMessage, _Delivery] = {}
+# Deliveries a queue iterator handed to the task iterating: that task, their handler.
+_HANDED: dict[_Delivery, asyncio.Task[Any] | None] = {}
+# Deliveries the force-close is giving back: the handler's own ack is refused, its reject a no-op.
+_FORCED: set[_Delivery] = set()
 
 
 def _driver_of(connection: Any) -> AioPikaDriver | None:
@@ -158,6 +175,10 @@ def _settle(delivery: _Delivery) -> None:
     """The delivery is over (acked, given back, or its channel closed): end its borrow."""
     if _OUT.pop(delivery.message, None) is delivery:
         delivery.keeper.checkin(delivery)
+        if _HANDED:
+            _HANDED.pop(delivery, None)
+        if _FORCED:
+            _FORCED.discard(delivery)
 
 
 def _settle_up_to(delivery: _Delivery) -> None:
@@ -174,23 +195,25 @@ class _MessageGuard(IncomingMessage):
 
     async def ack(self, multiple: bool = False) -> None:
         delivery = _OUT.get(self)
-        if delivery is not None and delivery.forced:
+        if delivery is not None and delivery in _FORCED:
             raise MessageProcessError(
                 f"poolkeeper {delivery.keeper.name!r} requeued this message at the drain deadline "
                 f"({delivery.describe()}); it was not acknowledged",
                 self,
             )
-        await super().ack(multiple)
+        await IncomingMessage.ack(self, multiple)  # the next class in the MRO; super() costs a call more
         if delivery is None:
             return
         if multiple:
             _settle_up_to(delivery)
+        elif _HANDED or _FORCED:
+            _settle(delivery)
         elif _OUT.pop(self, None) is delivery:  # _settle(delivery), inline: this runs once per message
             delivery.keeper.checkin(delivery)
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
         delivery = _OUT.get(self)
-        if delivery is not None and delivery.forced:
+        if delivery is not None and delivery in _FORCED:
             return  # the force-close has given it back already
         await super().nack(multiple, requeue)
         if delivery is not None:
@@ -198,7 +221,7 @@ class _MessageGuard(IncomingMessage):
 
     async def reject(self, requeue: bool = False) -> None:
         delivery = _OUT.get(self)
-        if delivery is not None and delivery.forced:
+        if delivery is not None and delivery in _FORCED:
             # Given back already: a handler cancelled inside message.process() rejects on its way
             # out, and must not drop what the force-close requeued.
             return
@@ -318,7 +341,7 @@ def _iterator_guard(base: type[Any]) -> type[Any]:
                 if not delivery.keeper.lending:
                     await delivery.driver.give_back(message)
                     raise StopAsyncIteration
-                delivery.task = asyncio.current_task()  # handed to a handler: the iterating task
+                _HANDED[delivery] = asyncio.current_task()  # handed to a handler: the iterating task
             return message
 
         async def end(self) -> None:
@@ -411,24 +434,26 @@ class AioPikaDriver(Driver):
         keeper = self.keeper
         lend = keeper.lend
         out = _OUT
+        new_delivery = _new_delivery
+        message_channel = _message_channel
         guarded_messages = _guarded_messages
         buffered = isinstance(getattr(callback, "__self__", None), QueueIterator)  # an iterator's buffer
         if buffered and no_ack:
             return callback  # nothing to give back, and the iterating task is no borrow of ours
         queue_name = queue.name
-        current_task = asyncio.current_task
+        loop = self.home_loop
         watched: list[Any] = [None]  # the channel this consumer's last message came on
 
         async def on_message(message: IncomingMessage) -> Any:
             if not keeper.lending:
                 await self.give_back(message)
                 return None
-            try:
-                delivery = _Delivery(
-                    self, keeper, message, queue_name, None if buffered else current_task(), no_ack=no_ack
-                )
-            except ChannelInvalidStateError:
+            channel = message_channel(message)  # the aiormq channel: message.channel, without a call
+            if channel.is_closed:
                 return None  # its channel closed already: the broker requeued it
+            delivery = new_delivery(
+                (self, keeper, message, queue_name, channel, None if buffered else current_task_of(loop))
+            )
             if not no_ack:
                 cls = type(message)
                 _set_class(message, "__class__", guarded_messages.get(cls) or _guarded_message_class(cls))
@@ -437,7 +462,6 @@ class AioPikaDriver(Driver):
                 out.pop(message, None)
                 await self.give_back(message)
                 return None
-            channel = delivery.channel
             if channel is not watched[0]:  # one channel per consumer, almost always: skip the WeakSet
                 watched[0] = channel
                 if channel not in self._watched:
@@ -536,7 +560,7 @@ class AioPikaDriver(Driver):
     async def _force(self, deliveries: Sequence[_Delivery]) -> None:
         current = asyncio.current_task()
         for delivery in deliveries:
-            delivery.forced = True  # before the cancel: the handler's own reject on its way out is a no-op
+            _FORCED.add(delivery)  # before the cancel: the handler's own reject on its way out is a no-op
         for delivery in deliveries:
             task = delivery.task
             if task is not None and task is not current and not task.done():
@@ -552,10 +576,13 @@ class AioPikaDriver(Driver):
             _settle(delivery)
 
     async def _requeue(self, delivery: _Delivery) -> None:
-        if delivery.no_ack or delivery.tag is None:
-            return  # nothing the broker still holds for us
+        message = delivery.message
+        if message.processed or message.delivery_tag is None:
+            return  # no_ack, or acknowledged meanwhile: nothing the broker still holds for us
         try:
-            await delivery.channel.basic_nack(delivery.tag, requeue=True)
+            # The library's own nack (past the guard's): the message counts as processed then,
+            # so that a late ack() from its handler raises instead of acking what is given back.
+            await IncomingMessage.nack(message, requeue=True)
         except Exception:  # the channel closed: the broker requeued it by itself
             logger.debug("poolkeeper %r: nack failed", self.keeper.name, exc_info=True)
 
