@@ -175,10 +175,10 @@ def _settle(delivery: _Delivery) -> None:
     """The delivery is over (acked, given back, or its channel closed): end its borrow."""
     if _OUT.pop(delivery.message, None) is delivery:
         delivery.keeper.checkin(delivery)
-        if _HANDED:
-            _HANDED.pop(delivery, None)
-        if _FORCED:
-            _FORCED.discard(delivery)
+    if _HANDED:
+        _HANDED.pop(delivery, None)
+    if _FORCED:
+        _FORCED.discard(delivery)
 
 
 def _settle_up_to(delivery: _Delivery) -> None:
