@@ -20,6 +20,7 @@ from benchmarks import (
     bench_aiohttp,
     bench_asyncpg,
     bench_httpx,
+    bench_nats,
     bench_psycopg_pool,
     bench_redis,
     bench_shutdown,
@@ -43,6 +44,7 @@ SUITES: dict[str, Callable[[], Sequence[Row]]] = {
     "psycopg_pool": bench_psycopg_pool.run,
     "httpx": bench_httpx.run,
     "aio-pika": bench_aio_pika.run,
+    "nats": bench_nats.run,
     "shutdown": bench_shutdown.run,
 }
 

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, MsgAlreadyAckdError
 
-from poolkeeper._concurrency import run_on_loop
+from poolkeeper._concurrency import current_task_of, run_on_loop
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._base import Driver, guarded_subclass, unsupported_version
 from poolkeeper.errors import PoolClosedError
@@ -114,16 +114,27 @@ class _Delivery:
 
 
 def _delivery(message: Msg) -> _Delivery | None:
-    return vars(message).get("_poolkeeper_delivery")
+    # A plain attribute (GuardedMsg's class default is None), not vars(): reading an instance's
+    # __dict__ makes CPython 3.11 give up specialising attribute reads on it, in nats-py's code too.
+    return getattr(message, "_poolkeeper_delivery", None)
+
+
+def _mark(message: Msg, delivery: _Delivery | None) -> None:
+    message._poolkeeper_delivery = delivery  # type: ignore[attr-defined]  # noqa: SLF001 -- GuardedMsg's attribute (class default None)
 
 
 def _settle(delivery: _Delivery) -> None:
-    if vars(delivery.message).pop("_poolkeeper_delivery", None) is delivery:
+    message = delivery.message
+    if _delivery(message) is delivery:
+        _mark(message, None)
         delivery.driver.keeper.checkin(delivery)
 
 
 class GuardedMsg(Msg):
     """A received message whose ack, nak or term ends its borrow."""
+
+    # Not a dataclass field: the borrow of a JetStream message while it is out, else None.
+    _poolkeeper_delivery: _Delivery | None = None
 
     async def ack(self) -> None:
         """``Msg.ack``; refused (``MsgAlreadyAckdError``) on a message the force-close nacked."""
@@ -333,9 +344,9 @@ class NatsDriver(Driver):
         if not reply or not reply.startswith(_JS_ACK):
             return
         delivery = _Delivery(self, message)
-        vars(message)["_poolkeeper_delivery"] = delivery
+        _mark(message, delivery)
         if not self.keeper.lend(delivery):
-            vars(message).pop("_poolkeeper_delivery", None)
+            _mark(message, None)
             with contextlib.suppress(RuntimeError):  # the loop is closing: nothing to give back to
                 task = asyncio.ensure_future(self._nak(message))
                 self._naks.add(task)  # a reference until done: asyncio keeps tasks only weakly
@@ -344,6 +355,7 @@ class NatsDriver(Driver):
     def wrap_callback(self, cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         """``cb`` recording the handler task of each message it gets; a message arriving while closing is nacked."""
         keeper = self.keeper
+        loop = asyncio.get_running_loop()  # subscribe()'s: where nats-py runs the callbacks
 
         async def on_message(message: Msg) -> None:
             delivery = _delivery(message)
@@ -351,7 +363,7 @@ class NatsDriver(Driver):
                 if not keeper.lending:
                     await self._nak(message)  # arrived before the server saw the UNSUB: give it back
                     return
-                delivery.task = asyncio.current_task()
+                delivery.task = current_task_of(loop)
             await cb(message)
 
         return on_message

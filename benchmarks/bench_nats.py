@@ -1,0 +1,79 @@
+"""NATS JetStream: per-message cost of consuming through a kept client versus a raw one, on the local nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from benchmarks._measure import Comparison, Result, timed
+from poolkeeper import Registry
+
+URL = os.environ.get("POOLKEEPER_NATS_URL", "nats://127.0.0.1:4222")
+MESSAGES = 2000
+PENDING = 64  # max_ack_pending: the JetStream counterpart of a prefetch
+
+
+async def seconds_per_message(client: Any, publisher: Any, subject: str) -> float:
+    """Publish ``MESSAGES`` (untimed), then time a push consumer receiving and acking all of them, the GC paused."""
+    first = None
+    for _ in range(MESSAGES):
+        ack = await publisher.publish(subject, b"x")
+        first = ack.seq if first is None else first
+    done = asyncio.Event()
+    count = 0
+
+    async def handler(message: Any) -> None:
+        nonlocal count
+        await message.ack()
+        count += 1
+        if count == MESSAGES:
+            done.set()
+
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first, max_ack_pending=PENDING
+    )
+    with timed():
+        started = time.perf_counter()
+        subscription = await client.jetstream().subscribe(subject, cb=handler, manual_ack=True, config=config)
+        await done.wait()
+        elapsed = time.perf_counter() - started
+    await subscription.unsubscribe()
+    return elapsed / MESSAGES
+
+
+async def consume_overhead() -> Result:
+    registry = Registry()
+    raw = await nats.connect(URL)
+    wrapped = registry.wrap(await nats.connect(URL), name="nats")
+    side = await nats.connect(URL)
+    publisher = side.jetstream()
+    stream = f"PKBENCH{uuid.uuid4().hex[:8].upper()}"
+    subject = f"pk.bench.{stream}"
+    await publisher.add_stream(name=stream, subjects=[subject])
+    clients = {"raw": raw, "wrapped": wrapped}
+    result = Comparison("NATS JetStream consume + ack, per message", [], [])
+    try:
+        await seconds_per_message(raw, publisher, subject)  # warm up both paths
+        await seconds_per_message(wrapped, publisher, subject)
+        for round_number in range(21):
+            # Which goes first alternates: the order alone moves a loaded machine's figures by a few %.
+            order = ("wrapped", "raw") if round_number % 2 else ("raw", "wrapped")
+            for label in order:
+                seconds = await seconds_per_message(clients[label], publisher, subject)
+                (result.raw if label == "raw" else result.wrapped).append(seconds)
+    finally:
+        await publisher.delete_stream(stream)
+        await registry.aclose()
+        await raw.close()
+        await side.close()
+    return result.result(1.05)
+
+
+def run() -> list[Result]:
+    return [asyncio.run(consume_overhead())]
