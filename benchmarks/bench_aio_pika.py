@@ -10,7 +10,7 @@ from typing import Any
 
 import aio_pika
 
-from benchmarks._measure import Comparison, Result, timed
+from benchmarks._measure import Result, alternate, timed
 from poolkeeper import Registry
 
 URL = os.environ.get("POOLKEEPER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -58,16 +58,16 @@ async def consume_overhead() -> Result:
         channels[label] = channel
     name = f"pk-bench-{uuid.uuid4().hex[:8]}"
     await publisher.declare_queue(name, auto_delete=False)
-    result = Comparison("aio-pika consume + ack, per message", [], [])
     try:
         await seconds_per_message(channels["raw"], name, publisher)  # warm up both paths
         await seconds_per_message(channels["wrapped"], name, publisher)
-        for round_number in range(ROUNDS):
-            # Which goes first alternates: the order alone moves a loaded machine's figures by a few %.
-            order = ("wrapped", "raw") if round_number % 2 else ("raw", "wrapped")
-            for label in order:
-                seconds = await seconds_per_message(channels[label], name, publisher)
-                (result.raw if label == "raw" else result.wrapped).append(seconds)
+        result = await alternate(
+            "aio-pika consume + ack, per message",
+            lambda channel: seconds_per_message(channel, name, publisher),
+            channels["raw"],
+            channels["wrapped"],
+            rounds=ROUNDS,
+        )
     finally:
         await publisher.queue_delete(name)
         await registry.aclose()

@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from benchmarks._measure import BARE_GOAL, TRACKED_GOAL, WAKE_UP_GOAL_MS, Comparison, Result, latency_result, timed
+from benchmarks._measure import (
+    BARE_GOAL,
+    TRACKED_GOAL,
+    WAKE_UP_GOAL_MS,
+    Comparison,
+    Result,
+    alternate,
+    latency_result,
+    timed,
+)
 from poolkeeper import Registry
 
 if TYPE_CHECKING:
@@ -67,17 +76,9 @@ async def compare_get(name: str, url: str, *, count: int, rounds: int, track: bo
     registry = Registry(track_borrowers=track)
     raw = aiohttp.ClientSession()
     wrapped = registry.wrap(aiohttp.ClientSession(), name="http")
-    result = Comparison(name, [], [])
     await get_seconds(raw, url, count // 5)  # warm up both: connections, caches
     await get_seconds(wrapped, url, count // 5)
-    for round_number in range(rounds):
-        # Which goes first alternates: on a loaded machine the order alone moves a round by a few %.
-        if round_number % 2:
-            result.wrapped.append(await get_seconds(wrapped, url, count))
-            result.raw.append(await get_seconds(raw, url, count))
-        else:
-            result.raw.append(await get_seconds(raw, url, count))
-            result.wrapped.append(await get_seconds(wrapped, url, count))
+    result = await alternate(name, lambda session: get_seconds(session, url, count), raw, wrapped, rounds=rounds)
     await registry.aclose()
     await raw.close()
     return result

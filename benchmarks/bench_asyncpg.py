@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from benchmarks._measure import BARE_GOAL, TRACKED_GOAL, WAKE_UP_GOAL_MS, Comparison, Result, latency_result, timed
+from benchmarks._measure import (
+    BARE_GOAL,
+    TRACKED_GOAL,
+    WAKE_UP_GOAL_MS,
+    Comparison,
+    Result,
+    alternate,
+    latency_result,
+    timed,
+)
 from poolkeeper import Registry
 
 if TYPE_CHECKING:
@@ -36,18 +45,9 @@ async def compare(
     rounds: int,
 ) -> Comparison:
     """Alternate raw and wrapped rounds so that machine noise hits both alike."""
-    result = Comparison(name, [], [])
     await per_op(raw, count // 10)  # warm up both paths
     await per_op(wrapped, count // 10)
-    for round_number in range(rounds):
-        # Which goes first alternates: on a loaded machine the order alone moves a round by a few %.
-        if round_number % 2:
-            result.wrapped.append(await per_op(wrapped, count))
-            result.raw.append(await per_op(raw, count))
-        else:
-            result.raw.append(await per_op(raw, count))
-            result.wrapped.append(await per_op(wrapped, count))
-    return result
+    return await alternate(name, lambda operation: per_op(operation, count), raw, wrapped, rounds=rounds)
 
 
 async def acquire_overhead() -> list[Result]:

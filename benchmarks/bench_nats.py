@@ -11,7 +11,7 @@ from typing import Any
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from benchmarks._measure import Comparison, Result, timed
+from benchmarks._measure import Result, alternate, timed
 from poolkeeper import Registry
 
 URL = os.environ.get("POOLKEEPER_NATS_URL", "nats://127.0.0.1:4222")
@@ -56,17 +56,16 @@ async def consume_overhead() -> Result:
     stream = f"PKBENCH{uuid.uuid4().hex[:8].upper()}"
     subject = f"pk.bench.{stream}"
     await publisher.add_stream(name=stream, subjects=[subject])
-    clients = {"raw": raw, "wrapped": wrapped}
-    result = Comparison("NATS JetStream consume + ack, per message", [], [])
     try:
         await seconds_per_message(raw, publisher, subject)  # warm up both paths
         await seconds_per_message(wrapped, publisher, subject)
-        for round_number in range(21):
-            # Which goes first alternates: the order alone moves a loaded machine's figures by a few %.
-            order = ("wrapped", "raw") if round_number % 2 else ("raw", "wrapped")
-            for label in order:
-                seconds = await seconds_per_message(clients[label], publisher, subject)
-                (result.raw if label == "raw" else result.wrapped).append(seconds)
+        result = await alternate(
+            "NATS JetStream consume + ack, per message",
+            lambda client: seconds_per_message(client, publisher, subject),
+            raw,
+            wrapped,
+            rounds=21,
+        )
     finally:
         await publisher.delete_stream(stream)
         await registry.aclose()

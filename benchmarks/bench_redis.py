@@ -16,6 +16,7 @@ from benchmarks._measure import (
     WAKE_UP_GOAL_MS,
     Comparison,
     Result,
+    alternate,
     compare,
     compare_statement,
     latency_result,
@@ -56,18 +57,9 @@ async def acompare(
                 await client.ping()
             return (time.perf_counter() - started) / count
 
-    result = Comparison(name, [], [])
     await per_ping(raw)  # warm up both paths
     await per_ping(wrapped)
-    for round_number in range(rounds):
-        # Which client goes first alternates: on a loaded machine the order alone moves PING by a few %.
-        if round_number % 2:
-            result.wrapped.append(await per_ping(wrapped))
-            result.raw.append(await per_ping(raw))
-        else:
-            result.raw.append(await per_ping(raw))
-            result.wrapped.append(await per_ping(wrapped))
-    return result
+    return await alternate(name, per_ping, raw, wrapped, rounds=rounds)
 
 
 async def async_ping_overhead() -> Result:
@@ -131,15 +123,9 @@ async def async_checkout_overhead() -> list[Result]:
         ("redis.asyncio get_connection+release (no I/O)", client.connection_pool, BARE_GOAL),
         ("redis.asyncio get_connection+release (no I/O), tracked", tracked_client.connection_pool, TRACKED_GOAL),
     ):
-        result = Comparison(name, [], [])
         await per_checkout(raw, 100)  # connect once and warm up, outside the timing
         await per_checkout(kept, 100)
-        for round_number in range(31):
-            first, second = (kept, raw) if round_number % 2 else (raw, kept)
-            times = {id(first): await per_checkout(first), id(second): await per_checkout(second)}
-            result.raw.append(times[id(raw)])
-            result.wrapped.append(times[id(kept)])
-        rows.append(result.result(goal))
+        rows.append((await alternate(name, per_checkout, raw, kept, rounds=31)).result(goal))
     await registry.aclose()
     await tracked_registry.aclose()
     await raw.disconnect()

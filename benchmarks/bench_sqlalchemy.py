@@ -17,8 +17,8 @@ from benchmarks._measure import (
     MEMORY,
     TRACKED_GOAL,
     WAKE_UP_GOAL_MS,
-    Comparison,
     Result,
+    alternate,
     compare,
     compare_statement,
     latency_result,
@@ -111,15 +111,9 @@ async def async_checkout_overhead() -> list[Result]:
         ("sqlalchemy async checkout+return", wrapped, BARE_GOAL),
         ("sqlalchemy async checkout+return, tracked", tracked, TRACKED_GOAL),
     ):
-        comparison = Comparison(name, [], [])
         await per_checkout(raw, 200)  # connect once and warm up, outside the timing
         await per_checkout(kept, 200)
-        for round_number in range(31):
-            first, second = (kept, raw) if round_number % 2 else (raw, kept)
-            times = {id(first): await per_checkout(first), id(second): await per_checkout(second)}
-            comparison.raw.append(times[id(raw)])
-            comparison.wrapped.append(times[id(kept)])
-        rows.append(comparison.result(goal))
+        rows.append((await alternate(name, per_checkout, raw, kept, rounds=31)).result(goal))
     await registry.aclose()
     await tracked_registry.aclose()
     await raw.dispose()
