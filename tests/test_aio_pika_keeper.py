@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -172,6 +174,95 @@ async def test_handlers_finish_and_ack_while_draining(connect, broker):
     assert report["mq"].borrowed_at_start == 4
     assert sorted(acked) == [b"0", b"1", b"2", b"3"]
     assert await broker.counts(name) == (0, 0)
+
+
+async def test_messages_waiting_and_arriving_later_are_all_borrowed_until_acked(connect, broker):
+    """Messages already in the queue when consume() starts and ones published after it are borrows alike.
+
+    The first ones can reach the client before consume() has returned (right behind the broker's
+    ConsumeOk); the later ones come once it has. Each is out until its handler acks, the drain
+    waits for all of them, and each is acked exactly once.
+    """
+    registry = Registry(drain_timeout=10)
+    connection = registry.wrap(await connect(), name="mq")
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=100)
+    name = await broker.queue()
+    await broker.publish(name, [f"early-{i}" for i in range(50)])
+    release = asyncio.Event()
+    acked: list[bytes] = []
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        await release.wait()
+        await message.ack()
+        acked.append(message.body)
+
+    queue = await channel.declare_queue(name, passive=True)
+    await queue.consume(handler)
+    await broker.publish(name, [f"late-{i}" for i in range(50)])
+    await auntil(lambda: registry["mq"].borrowed == 100)
+    closing = asyncio.ensure_future(registry.aclose())
+    await auntil(lambda: registry["mq"].state is KeeperState.DRAINING)
+    assert not closing.done()
+    release.set()
+    report = await closing
+    assert (report["mq"].outcome, report["mq"].borrowed_at_start, report["mq"].returned) == ("clean", 100, 100)
+    assert sorted(acked) == sorted(
+        [f"early-{i}".encode() for i in range(50)] + [f"late-{i}".encode() for i in range(50)]
+    )
+    assert await broker.counts(name) == (0, 0)
+
+
+async def test_a_no_ack_message_is_a_borrow_until_its_handler_returns(connect, broker):
+    """With no_ack=True there is nothing to acknowledge: the drain waits for the handlers to return."""
+    registry = Registry(drain_timeout=10)
+    connection = registry.wrap(await connect(), name="mq")
+    channel = await connection.channel()
+    name = await broker.queue()
+    await broker.publish(name, ["a", "b", "c"])
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        await release.wait()
+        handled.append(message.body)
+
+    queue = await channel.declare_queue(name, passive=True)
+    await queue.consume(handler, no_ack=True)
+    await auntil(lambda: registry["mq"].borrowed == 3)
+    closing = asyncio.ensure_future(registry.aclose())
+    await auntil(lambda: registry["mq"].state is KeeperState.DRAINING)
+    assert registry["mq"].borrowed == 3
+    release.set()
+    report = await closing
+    assert (report["mq"].outcome, report["mq"].returned, report["mq"].forced) == ("clean", 3, 0)
+    assert sorted(handled) == [b"a", b"b", b"c"]
+    assert await broker.counts(name) == (0, 0)  # consumed for good: nothing was requeued
+
+
+async def test_a_plain_function_callback_works_as_aio_pika_runs_it(connect, broker, caplog):
+    """A plain (non-async) callback, which aio-pika still accepts, is called as aio-pika calls it, without errors."""
+    registry = Registry(drain_timeout=10)
+    connection = registry.wrap(await connect(), name="mq")
+    channel = await connection.channel()
+    name = await broker.queue()
+    await broker.publish(name, ["a", "b"])
+    handled: list[bytes] = []
+
+    def handler(message: AbstractIncomingMessage) -> None:
+        handled.append(message.body)
+
+    queue = await channel.declare_queue(name, passive=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # aio-pika's own, as for an unwrapped one
+        await queue.consume(handler, no_ack=True)
+    await auntil(lambda: len(handled) == 2)
+    await auntil(lambda: registry["mq"].borrowed == 0)
+    report = await registry.aclose()
+    assert (report["mq"].outcome, report["mq"].borrowed_at_start) == ("clean", 0)
+    assert handled == [b"a", b"b"]
+    assert await broker.counts(name) == (0, 0)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 async def test_closing_cancels_consumers_and_refuses_channels_and_consumes(connect, broker):

@@ -36,10 +36,12 @@ from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
+import aio_pika.queue
 from aio_pika.connection import Connection
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 from aio_pika.message import IncomingMessage
 from aio_pika.queue import QueueIterator
+from aio_pika.tools import ensure_awaitable
 
 from poolkeeper._concurrency import current_task_of, run_on_loop
 from poolkeeper._keeper import KeeperState
@@ -75,6 +77,11 @@ logger = logging.getLogger("poolkeeper.aio_pika")
 #     .delivery_tag, .processed                        adds none, so __class__ assignment works);
 #     ._IncomingMessage__channel                       the slot behind .channel, read per message
 #   aiormq Channel.basic_nack, .closing         aiormq 6.8+
+#   aio_pika.queue.consumer, aiormq             9.4+  optional (the per-message fast path): Queue.consume
+#     Channel.consumers, DeliveredMessage                registers partial(consumer, callback, no_ack=...)
+#     .channel                                           in the aiormq channel's consumers by tag; when
+#                                                        that is what is there, the keeper's own consumer
+#                                                        takes its place (see AioPikaDriver.take_over)
 
 #: The aio-pika versions this adapter is tested with.
 SUPPORTED_VERSIONS = ">=9.4.0"
@@ -287,6 +294,7 @@ def _queue_guard(base: type[Any]) -> type[Any]:
             if not driver.keeper.lending:  # closing started during the round trip: cancel it too
                 await driver.cancel_consumer(tag, self)
                 raise driver.keeper.refusal()
+            await driver.take_over(self, tag, wrapped, no_ack=no_ack)
             return tag
 
         async def cancel(self, consumer_tag: Any, *args: Any, **kwargs: Any) -> Any:
@@ -427,8 +435,15 @@ class AioPikaDriver(Driver):
             self.connection.__class__ = self._library_class
         vars(self.connection).pop("_poolkeeper_driver", None)
 
-    def wrap_callback(self, queue: Any, callback: Callable[..., Awaitable[Any]], *, no_ack: bool) -> Any:  # noqa: C901 -- the closure's branches are the cases of one delivery
-        """``callback`` wrapped so that each message it handles is a borrow until acknowledged."""
+    def wrap_callback(self, queue: Any, callback: Callable[..., Any], *, no_ack: bool) -> Any:  # noqa: C901 -- the closure's branches are the cases of one delivery
+        """``callback`` wrapped so that each message it handles is a borrow until acknowledged.
+
+        What is returned goes to aio-pika's ``Queue.consume()``: a coroutine function that makes
+        the message a borrow, then awaits the handler. It also carries, as ``_poolkeeper_consumer``,
+        the consumer :meth:`take_over` puts in place of aio-pika's ``consumer()`` once the broker
+        confirmed the consume: the same borrow, with the handler's task started by the keeper
+        itself, so that a message costs no coroutine layer more than unwrapped.
+        """
         if getattr(callback, "_poolkeeper_delivery", False):
             return callback  # RobustQueue.restore() consuming again with the callback it was given
         keeper = self.keeper
@@ -440,6 +455,7 @@ class AioPikaDriver(Driver):
         buffered = isinstance(getattr(callback, "__self__", None), QueueIterator)  # an iterator's buffer
         if buffered and no_ack:
             return callback  # nothing to give back, and the iterating task is no borrow of ours
+        handler = ensure_awaitable(callback)  # what aio-pika's consume() does with a plain function
         queue_name = queue.name
         loop = self.home_loop
         watched: list[Any] = [None]  # the channel this consumer's last message came on
@@ -464,20 +480,95 @@ class AioPikaDriver(Driver):
                 return None
             if channel is not watched[0]:  # one channel per consumer, almost always: skip the WeakSet
                 watched[0] = channel
-                if channel not in self._watched:
-                    self._watch(channel)
+                self._watch(channel)
             if not no_ack:
-                return await callback(message)
+                return await handler(message)
             try:
-                return await callback(message)
+                return await handler(message)
             finally:
                 _settle(delivery)
 
         setattr(on_message, "_poolkeeper_delivery", True)  # noqa: B010 -- marks it wrapped; mypy knows no such name
+        if buffered:
+            return on_message  # the handler is the task iterating: nothing to start here
+
+        consumer = self._direct_consumer(handler, queue_name, no_ack=no_ack)
+        setattr(on_message, "_poolkeeper_consumer", consumer)  # noqa: B010 -- read by take_over()
         return on_message
+
+    def _direct_consumer(
+        self,
+        handler: Callable[[IncomingMessage], Awaitable[Any]],
+        queue_name: str,
+        *,
+        no_ack: bool,
+    ) -> Callable[[Any], Awaitable[Any]]:
+        """What :meth:`take_over` registers: aio-pika's ``consumer()``, with the borrow made inside."""
+        keeper = self.keeper
+        lend = keeper.lend
+        out = _OUT
+        new_delivery = _new_delivery
+        message_class = IncomingMessage if no_ack else _MessageGuard
+        create_task = self.home_loop.create_task
+        watched: list[Any] = [None]
+
+        async def consumer(delivered: Any) -> Any:
+            # aio-pika's consumer() makes an IncomingMessage, then a task running the handler.
+            # Here the borrow is made between the two: the task is known before it runs, the
+            # message is made guarded instead of having its class changed, and the handler is
+            # not awaited through on_message(), a coroutine layer each of its suspensions crosses.
+            message = message_class(delivered, no_ack=no_ack)
+            if not keeper.lending:
+                await self.give_back(message)
+                return None
+            channel = delivered.channel
+            if channel.is_closed:
+                return None  # its channel closed already: the broker requeued it
+            task: asyncio.Task[Any] = create_task(handler(message))  # type: ignore[arg-type]  # ensure_awaitable() gives a coroutine function
+            delivery = new_delivery((self, keeper, message, queue_name, channel, task))
+            out[message] = delivery
+            if not lend(delivery):  # closing started since the check above (from another thread)
+                out.pop(message, None)
+                task.cancel()  # before its first step: the handler never runs
+                await self.give_back(message)
+                return None
+            if channel is not watched[0]:  # one channel per consumer, almost always: skip the WeakSet
+                watched[0] = channel
+                self._watch(channel)
+            if no_ack:  # nothing to acknowledge: the borrow ends with the handler
+                task.add_done_callback(lambda _: _settle(delivery))
+            return await task
+
+        return consumer
+
+    async def take_over(self, queue: Any, tag: Any, wrapped: Any, *, no_ack: bool) -> None:
+        """Put the keeper's consumer in place of aio-pika's for ``tag``, where that is what is there.
+
+        Messages delivered before this (right after the broker's ConsumeOk) went through
+        ``wrapped`` itself: the same borrow, one coroutine layer slower. Where aio-pika registered
+        anything else (a version that consumes differently), it stays: ``wrapped`` keeps working.
+        """
+        consumer = getattr(wrapped, "_poolkeeper_consumer", None)
+        if consumer is None:
+            return
+        try:
+            channel = await queue.channel.get_underlay_channel()
+        except ChannelInvalidStateError:  # the channel closed meanwhile: nothing is delivered to it any more
+            return
+        consumers = getattr(channel, "consumers", None)
+        registered = consumers.get(tag) if isinstance(consumers, dict) else None
+        if (
+            isinstance(registered, partial)
+            and registered.func is aio_pika.queue.consumer
+            and registered.args == (wrapped,)
+            and registered.keywords == {"no_ack": no_ack}
+        ):
+            consumers[tag] = consumer  # type: ignore[index]  # a dict, checked above
 
     def _watch(self, channel: Any) -> None:
         """When ``channel`` closes, the broker requeues its unacknowledged messages: end their borrows."""
+        if channel in self._watched:
+            return
         self._watched.add(channel)
         ref = weakref.ref(channel)
 
