@@ -149,10 +149,12 @@ def test_a_closed_keeper_does_not_keep_its_engine_alive(engine_url):
 def test_unwrap_gives_the_engine_back_to_sqlalchemy(engine_url):
     """After unwrap(), the engine is SQLAlchemy's own again: the registry's close neither refuses nor closes it."""
     registry = Registry()
-    engine = registry.wrap(engine_url(pool_size=1), name="db")
-    library_class = type(engine.pool).__mro__[1]
+    engine = engine_url(pool_size=1)
+    library_class = type(engine.pool)
+    registry.wrap(engine, name="db")
     assert registry.unwrap(engine) is engine
     assert type(engine.pool) is library_class
+    assert "connect" not in vars(engine.pool)  # the class's own method again
     assert "db" not in registry
     registry.close()
     with engine.connect() as connection:
@@ -293,10 +295,12 @@ async def test_unwrap_gives_the_asyncpg_pool_back_and_frees_its_keeper(pg_url):
 def test_unwrap_gives_the_redis_client_back(redis_url):
     """After unwrap(client), closing the registry leaves the client working: its pool is redis-py's own again."""
     registry = Registry()
-    client = registry.wrap(redis.Redis.from_url(redis_url), name="cache")
-    library_class = type(client.connection_pool).__mro__[1]
+    client = redis.Redis.from_url(redis_url)
+    library_class = type(client.connection_pool)
+    registry.wrap(client, name="cache")
     assert registry.unwrap("cache") is client
     assert type(client.connection_pool) is library_class
+    assert "get_connection" not in vars(client.connection_pool)  # the class's own method again
     registry.close()
     assert client.ping() is True
     client.close()

@@ -77,12 +77,14 @@ async def client(nats_url: str) -> AsyncIterator[Any]:
 
 
 async def test_wrap_returns_the_same_client(client):
-    """wrap() returns the client itself; unwrap() gives it back its own class."""
+    """wrap() returns the client itself, of its own class; unwrap() gives it back its class's own methods."""
     registry = Registry()
     assert registry.wrap(client, name="nats") is client
+    assert type(client) is Client
     assert registry["nats"].kind == "nats"
     registry.unwrap("nats")
     assert type(client) is Client
+    assert not {"subscribe", "publish", "close", "msg_class"} & set(vars(client))
 
 
 async def test_buffered_messages_are_given_back_while_the_handler_finishes(client, stream):

@@ -1,7 +1,9 @@
 """The NATS keeper: a nats-py ``Client`` and the JetStream consumers made through it.
 
-``wrap()`` returns the same client; its class becomes a guarded subclass of its own, and the
-messages it receives are of a guarded subclass of ``nats.aio.msg.Msg``, so that:
+``wrap()`` returns the same client. It keeps its class: the keeper sets its own ``subscribe``,
+``publish``, ``jetstream``, ``close``, ``drain`` and message factory on it as instance attributes,
+over the class's methods, and the messages it receives are of a guarded subclass of
+``nats.aio.msg.Msg``, so that:
 
 * a JetStream message (one with an ``$JS.ACK.`` reply subject) is a borrow from the moment the
   client receives it until it is acked, nacked or terminated (``ack``, ``ack_sync``, ``nak``,
@@ -39,7 +41,7 @@ from nats.errors import ConnectionClosedError, MsgAlreadyAckdError
 
 from poolkeeper._concurrency import current_task_of, run_on_loop
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._base import Driver, guarded_subclass, unsupported_version
+from poolkeeper.adapters._base import Driver, guarded_subclass, remove_attributes, set_methods, unsupported_version
 from poolkeeper.errors import PoolClosedError
 
 if TYPE_CHECKING:
@@ -207,66 +209,75 @@ def _pull_guard(base: type[Any]) -> type[Any]:
     return GuardedPullSubscription
 
 
-_guarded_clients: dict[type[Any], type[Any]] = {}
+# -- the client's guarded methods: set on the client by NatsDriver.attach() with set_methods(), as
+# instance attributes over its class's methods, each calling the class's own. Not a guarded
+# subclass as __class__, which would slow every attribute read of nats-py's own code on the
+# client (per message: _subs, stats, _pending...).
 
 
-def _guarded_client_class(base: type[Any]) -> type[Any]:  # noqa: C901 -- one class, its methods each simple
-    if base not in _guarded_clients:
+def _build_message(client: Any, *args: Any, **kwargs: Any) -> Any:
+    message = type(client)._build_message(client, *args, **kwargs)  # noqa: SLF001 -- the method it replaces
+    driver = _driver_of(client)
+    if driver is not None and isinstance(message, GuardedMsg):
+        driver.received(message)
+    return message
 
-        class GuardedClient(base):  # type: ignore[misc]  # a library class chosen at run time
-            msg_class = GuardedMsg
 
-            def _build_message(self, *args: Any, **kwargs: Any) -> Any:
-                message = super()._build_message(*args, **kwargs)
-                driver = _driver_of(self)
-                if driver is not None and isinstance(message, GuardedMsg):
-                    driver.received(message)
-                return message
+def _jetstream(client: Any, **opts: Any) -> Any:
+    context = type(client).jetstream(client, **opts)
+    if _driver_of(client) is not None:
+        context.__class__ = guarded_subclass(type(context), _jetstream_guard)
+    return context
 
-            def jetstream(self, **opts: Any) -> Any:
-                context = super().jetstream(**opts)
-                if _driver_of(self) is not None:
-                    context.__class__ = guarded_subclass(type(context), _jetstream_guard)
-                return context
 
-            async def subscribe(self, subject: str, *args: Any, **kwargs: Any) -> Any:
-                driver = _driver_of(self)
-                cb = kwargs.get("cb")
-                internal = getattr(cb, "__self__", None) is self or kwargs.get("future") is not None
-                if driver is None or internal:
-                    return await super().subscribe(subject, *args, **kwargs)
-                driver.keeper.admit()
-                if cb is not None:
-                    kwargs["cb"] = driver.wrap_callback(cb)
-                subscription = await super().subscribe(subject, *args, **kwargs)
-                driver.subscriptions.append(subscription)
-                return subscription
+async def _subscribe(client: Any, subject: str, *args: Any, **kwargs: Any) -> Any:
+    driver = _driver_of(client)
+    cb = kwargs.get("cb")
+    internal = getattr(cb, "__self__", None) is client or kwargs.get("future") is not None
+    if driver is None or internal:
+        return await type(client).subscribe(client, subject, *args, **kwargs)
+    driver.keeper.admit()
+    if cb is not None:
+        kwargs["cb"] = driver.wrap_callback(cb)
+    subscription = await type(client).subscribe(client, subject, *args, **kwargs)
+    driver.subscriptions.append(subscription)
+    return subscription
 
-            async def publish(self, subject: str, *args: Any, **kwargs: Any) -> None:
-                driver = _driver_of(self)
-                # A pull fetch asks for messages by publishing to $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>.
-                if driver is not None and _PULL_NEXT in subject and not driver.keeper.lending:
-                    raise driver.keeper.refusal()
-                await super().publish(subject, *args, **kwargs)
 
-            async def close(self) -> None:
-                driver = _driver_of(self)
-                if driver is None or driver.closing_client:
-                    await super().close()
-                    return
-                await driver.close_from_user()
+async def _publish(client: Any, subject: str, *args: Any, **kwargs: Any) -> None:
+    driver = _driver_of(client)
+    # A pull fetch asks for messages by publishing to $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>.
+    if driver is not None and _PULL_NEXT in subject and not driver.keeper.lending:
+        raise driver.keeper.refusal()
+    await type(client).publish(client, subject, *args, **kwargs)
 
-            async def drain(self) -> None:
-                driver = _driver_of(self)
-                if driver is None or driver.closing_client:
-                    await super().drain()
-                    return
-                await driver.close_from_user()
 
-        GuardedClient.__name__ = GuardedClient.__qualname__ = base.__name__
-        GuardedClient.__module__ = base.__module__
-        _guarded_clients[base] = GuardedClient
-    return _guarded_clients[base]
+async def _close(client: Any) -> None:
+    driver = _driver_of(client)
+    if driver is None or driver.closing_client:
+        await type(client).close(client)
+        return
+    await driver.close_from_user()
+
+
+async def _drain(client: Any) -> None:
+    driver = _driver_of(client)
+    if driver is None or driver.closing_client:
+        await type(client).drain(client)
+        return
+    await driver.close_from_user()
+
+
+_CLIENT_GUARDS: dict[str, Callable[..., Any]] = {
+    "_build_message": _build_message,
+    "jetstream": _jetstream,
+    "subscribe": _subscribe,
+    "publish": _publish,
+    "close": _close,
+    "drain": _drain,
+}
+#: Everything attach() sets on the client, removed by detach().
+_CLIENT_ATTRIBUTES = ("_poolkeeper_driver", "msg_class", *_CLIENT_GUARDS)
 
 
 class NatsDriver(Driver):
@@ -278,7 +289,6 @@ class NatsDriver(Driver):
     def __init__(self, client: Client) -> None:
         super().__init__(client)
         self.client = client
-        self._library_class: type[Any] = type(client)
         self._loop = asyncio.get_running_loop() if _running() else None
         self.subscriptions: list[Any] = []
         self._naks: set[asyncio.Future[None]] = set()
@@ -319,24 +329,24 @@ class NatsDriver(Driver):
     # -- guards -------------------------------------------------------------------------------
 
     def attach(self, keeper: Keeper) -> None:
-        """Give the client its guarded class (its messages become ``GuardedMsg``)."""
+        """Set the client's guarded methods (its messages become ``GuardedMsg``)."""
         super().attach(keeper)
         if self._loop is None:
             raise ValueError("resource: wrap a nats Client from a coroutine, on the loop it runs on")
         if self.client.is_closed:
             raise ValueError("resource: this nats Client is already closed")
-        vars(self.client)["_poolkeeper_driver"] = self
+        client = self.client
         try:
-            self.client.__class__ = _guarded_client_class(self._library_class)
+            client._poolkeeper_driver = self  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the guards above
+            client.msg_class = GuardedMsg  # its messages are made guarded: _build_message() reads it
+            set_methods(client, _CLIENT_GUARDS)
         except BaseException:
-            vars(self.client).pop("_poolkeeper_driver", None)
+            self.detach()
             raise
 
     def detach(self) -> None:
-        """Give the client back its own class."""
-        if type(self.client) is _guarded_clients.get(self._library_class):
-            self.client.__class__ = self._library_class
-        vars(self.client).pop("_poolkeeper_driver", None)
+        """Give the client back its class's own methods."""
+        remove_attributes(self.client, _CLIENT_ATTRIBUTES)
 
     def received(self, message: GuardedMsg) -> None:
         """A message arrived: a JetStream one is a borrow until acknowledged."""
@@ -469,7 +479,7 @@ class NatsDriver(Driver):
         if not self.client.is_closed:
             with contextlib.suppress(Exception):
                 await self.client.flush()  # the naks and acks of the drain reach the server
-            await self._library_class.close(self.client)
+            await type(self.client).close(self.client)  # the class's own, past the guard
 
     async def close_from_user(self) -> None:
         """``await nc.close()`` / ``await nc.drain()`` on a wrapped client: this keeper's close."""

@@ -3,9 +3,9 @@
 ``wrap()`` returns the same client. What the keeper manages is the client's connection pool:
 a borrow is a connection taken from it for as long as it is held (one command, a pipeline's
 ``execute`` or its ``WATCH``, a pubsub until it is closed, a blocking ``BLPOP``, the pinned
-connection of a ``single_connection_client``). The pool object gets a guarded subclass as its
-class (``__class__`` assignment keeps every attribute, ``isinstance`` and the client's
-reference), so that:
+connection of a ``single_connection_client``). The pool object keeps its class; the keeper
+sets its own ``get_connection`` and ``release`` (and, on an asyncio pool, ``can_get_connection``)
+on it as instance attributes, over the class's methods, so that:
 
 * ``get_connection()`` asks the keeper first: once closing starts every command, pipeline and
   pubsub raises :class:`~poolkeeper.PoolClosedError` at once;
@@ -44,7 +44,7 @@ from poolkeeper._concurrency import run_blocking, run_on_loop
 from poolkeeper._grammar import with_article
 from poolkeeper._redact import secret_values
 from poolkeeper.adapters._abort import shutdown_socket
-from poolkeeper.adapters._base import Driver, unsupported_version
+from poolkeeper.adapters._base import Driver, remove_attributes, set_methods, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
@@ -214,42 +214,42 @@ def _can_get_connection(pool: Any) -> bool:
     return bool(pool._pk_library.can_get_connection(pool))  # noqa: SLF001
 
 
-_guarded_classes: dict[type[Any], type[Any]] = {}
-_guarded_lock = threading.Lock()
+#: The pool methods the keeper puts over the library's, per pool kind (set_methods(): instance
+#: attributes, not a guarded subclass as ``__class__``, which would make every attribute read of
+#: redis-py's own code on the pool slower).
+_SYNC_GUARDS: dict[str, Callable[..., Any]] = {"get_connection": _get_connection, "release": _release}
+_ASYNC_GUARDS: dict[str, Callable[..., Any]] = {
+    "get_connection": _get_connection_async,
+    "release": _release_async,
+    "can_get_connection": _can_get_connection,
+}
+#: Everything _guard() sets on a pool, removed by detach().
+_GUARD_ATTRIBUTES = ("_pk_keeper", "_pk_driver", "_pk_library", "_pk_queue_window", *_ASYNC_GUARDS)
 
 
-def _guarded_class(cls: type[Any]) -> type[Any]:
-    """A subclass of the pool class ``cls`` whose checkouts and returns go through the keeper.
+def _guard(pool: Any, driver: RedisDriver) -> None:
+    """Route the pool's checkouts and returns through ``driver``'s keeper.
 
-    A plain subclass with the library's module and name, so that ``pool.__class__`` can be
-    swapped in place, ``isinstance`` still holds and ``repr(client)`` does not change.
+    ``_pk_library`` is the pool's own class, where the library's methods are looked up at each
+    call: a patch of ``ConnectionPool.get_connection`` made after wrapping (``mock.patch``) is
+    then what runs, as it would for an unwrapped pool.
     """
-    with _guarded_lock:
-        if cls not in _guarded_classes:
-            namespace: dict[str, Any] = {
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "_pk_library": cls,
-                "_pk_queue_window": None,  # a sync BlockingConnectionPool's own is set on the pool by attach
-            }
-            if issubclass(cls, AsyncConnectionPool):
-                namespace["get_connection"] = _get_connection_async
-                namespace["release"] = _release_async
-                namespace["can_get_connection"] = _can_get_connection
-            else:
-                namespace["get_connection"] = _get_connection
-                namespace["release"] = _release
-            _guarded_classes[cls] = type(cls.__name__, (cls,), namespace)
-        return _guarded_classes[cls]
+    pool._pk_keeper = driver.keeper  # noqa: SLF001 -- read by the functions above
+    pool._pk_driver = driver  # noqa: SLF001
+    pool._pk_library = type(pool)  # noqa: SLF001
+    # The sync BlockingConnectionPool's queue lock window (see _QueueLockWindow), read by _release.
+    pool._pk_queue_window = _QueueLockWindow() if isinstance(pool, BlockingConnectionPool) else None  # noqa: SLF001
+    set_methods(pool, _ASYNC_GUARDS if driver.is_async else _SYNC_GUARDS)
 
 
 def _is_guarded(pool: Any) -> bool:
-    return type(pool) in _guarded_classes.values()
+    return getattr(pool, "_pk_driver", None) is not None
 
 
 # -- sync BlockingConnectionPool: its queue refuses once the keeper stops lending -----------------
 
 _refusing_queue_classes: dict[type[Any], type[Any]] = {}
+_refusing_lock = threading.Lock()
 
 
 def _refusing_get(q: Any) -> Any:
@@ -258,7 +258,7 @@ def _refusing_get(q: Any) -> Any:
 
 def _refusing_queue_class(cls: type[Any]) -> type[Any]:
     """``cls`` (a ``queue.Queue``) made to look non-empty and to raise the refusal on every get."""
-    with _guarded_lock:
+    with _refusing_lock:
         if cls not in _refusing_queue_classes:
             namespace = {"_qsize": lambda _q: 1, "_get": _refusing_get, "__module__": __name__}
             _refusing_queue_classes[cls] = type(f"Refusing{cls.__name__}", (cls,), namespace)
@@ -485,7 +485,6 @@ class RedisDriver(Driver):
         self.pool = pool
         self.is_async = isinstance(pool, AsyncConnectionPool)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._original_class: type[Any] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         # Sockets (stream writers) the parent process opened (set in a forked child): never touched
         # here, as redis-py's own pid check leaves them. Held strongly so that their ids stay unique.
@@ -560,12 +559,7 @@ class RedisDriver(Driver):
         super().attach(keeper)
         try:
             self._warn_if_refusal_is_retried()
-            pool._pk_keeper = keeper  # type: ignore[union-attr]  # noqa: SLF001 -- read by the guarded class
-            pool._pk_driver = self  # type: ignore[union-attr]  # noqa: SLF001
-            if isinstance(pool, BlockingConnectionPool):
-                pool._pk_queue_window = _QueueLockWindow()  # type: ignore[attr-defined]  # noqa: SLF001 -- read by _release
-            self._original_class = type(pool)
-            pool.__class__ = _guarded_class(type(pool))
+            _guard(pool, self)
             # Connections already out (a pubsub, the pinned connection of a single-connection
             # client) are borrows too: the drain waits for them, the force-close cuts them.
             for connection in _in_use(pool):
@@ -578,12 +572,8 @@ class RedisDriver(Driver):
             raise
 
     def detach(self) -> None:
-        """Undo :meth:`attach` (used when registration fails halfway)."""
-        if self._original_class is not None:
-            self.pool.__class__ = self._original_class
-            self._original_class = None
-        for attribute in ("_pk_keeper", "_pk_driver", "_pk_queue_window"):
-            self.pool.__dict__.pop(attribute, None)
+        """Undo :meth:`attach` (used when registration fails halfway, and by ``unwrap()``)."""
+        remove_attributes(self.pool, _GUARD_ATTRIBUTES)
 
     def _warn_if_refusal_is_retried(self) -> None:
         retried = [error for error in _retried_errors(self.pool) if issubclass(self.refusal_class, error)]

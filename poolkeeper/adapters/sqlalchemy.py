@@ -1,8 +1,8 @@
 """The SQLAlchemy keeper: ``Engine`` and ``AsyncEngine``, any pool class that checks out.
 
-``wrap()`` returns the same engine. Its pool object gets a guarded subclass as its class
-(``__class__`` assignment keeps every attribute, ``isinstance`` and the engine's reference),
-and so does the pool's queue, so that:
+``wrap()`` returns the same engine. Its pool object keeps its class: the keeper sets its own
+``connect``, ``_do_return_conn``, ``recreate`` and ``dispose`` on it as instance attributes, over
+the class's methods (the pool's queue gets a guarded class of its own), so that:
 
 * ``Pool.connect()`` asks the keeper first: once closing starts, ``engine.connect()``,
   ``begin()`` and ``raw_connection()`` raise :class:`~poolkeeper.PoolClosedError` at once;
@@ -15,7 +15,6 @@ and so does the pool's queue, so that:
 from __future__ import annotations
 
 import asyncio
-import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ from poolkeeper.adapters._abort import (
     shutdown_socket,
     socket_fd,
 )
-from poolkeeper.adapters._base import Driver
+from poolkeeper.adapters._base import Driver, remove_attributes, set_methods
 from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
@@ -139,9 +138,10 @@ class _GuardedAsyncQueue(sqla_queue.AsyncAdaptedQueue[Any]):
                 return items
 
 
-# The guarded pool class: the engine's own pool class with four methods wrapped. They are
-# module-level functions rather than a class body so that the hot path (connect and return)
-# is one call deep, reads no properties and makes no super() object.
+# The guarded pool methods, set on the pool by _guard(). Module-level functions rather than a
+# class body, so that the hot path (connect and return) is one call deep, reads no properties
+# and makes no super() object. The library's own methods are looked up on the pool's class
+# (_pk_library) at each call: a patch of QueuePool.connect made after wrapping is what runs.
 
 
 def _connect(pool: Any) -> Any:
@@ -149,7 +149,7 @@ def _connect(pool: Any) -> Any:
     # Counted as out from here: connecting and pre-ping are round trips that closing may overtake.
     keeper.start_checkout()
     try:
-        fairy = pool._pk_library_connect()  # noqa: SLF001 -- the pool class's own connect()
+        fairy = pool._pk_library.connect(pool)  # noqa: SLF001 -- the pool class's own connect()
     except BaseException:
         keeper.end_checkout()
         raise
@@ -173,7 +173,7 @@ def _connect_async(pool: Any) -> Any:
 
 def _do_return_conn(pool: Any, record: ConnectionPoolEntry) -> None:
     # Back in the pool first: the return may wake the closer, which then closes idle connections.
-    pool._pk_library_return(record)  # noqa: SLF001 -- the pool class's own _do_return_conn()
+    pool._pk_library._do_return_conn(pool, record)  # noqa: SLF001 -- the pool class's own
     pool._pk_keeper.checkin(record)  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
 
 
@@ -181,7 +181,7 @@ def _recreate(pool: Any) -> Pool:
     driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
     if not driver.keeper.lending:
         return pool  # type: ignore[no-any-return]  # Engine.dispose() after close keeps this refusing pool
-    fresh: Pool = pool._pk_library_recreate()  # noqa: SLF001 -- the pool class's own recreate()
+    fresh: Pool = pool._pk_library.recreate(pool)  # noqa: SLF001 -- the pool class's own recreate()
     driver.guard(fresh)
     return fresh
 
@@ -189,39 +189,28 @@ def _recreate(pool: Any) -> Pool:
 def _dispose(pool: Any) -> None:
     driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
     if driver.keeper.lending:
-        pool._pk_library_dispose()  # noqa: SLF001 -- the pool class's own dispose()
+        pool._pk_library.dispose(pool)  # noqa: SLF001 -- the pool class's own dispose()
     else:
         driver.close_idle_now(pool)  # never touch the refusing queue through Pool.dispose()
 
 
-_guarded_classes: dict[tuple[type[Pool], bool], type[Pool]] = {}
-_guarded_lock = threading.Lock()
+#: What _guard_pool() sets on a pool (set_methods(): instance attributes over the class's methods,
+#: not a guarded subclass as ``__class__``, which would slow SQLAlchemy's own code on the pool).
+_GUARDS: dict[str, Callable[..., Any]] = {
+    "connect": _connect,
+    "_do_return_conn": _do_return_conn,
+    "recreate": _recreate,
+    "dispose": _dispose,
+}
+_ASYNC_GUARDS = {**_GUARDS, "connect": _connect_async}
+_GUARD_ATTRIBUTES = ("_pk_driver", "_pk_keeper", "_pk_library", *_GUARDS)
 
 
-def _guarded_class(cls: type[Pool], *, is_async: bool) -> type[Pool]:
-    """A subclass of ``cls`` whose checkouts and returns go through the keeper; one per pool class.
-
-    A plain subclass (a mixin in front would change the instance layout), so that
-    ``pool.__class__`` can be swapped in place and ``isinstance(pool, cls)`` still holds.
-    """
-    if cls in _guarded_classes.values():  # a pool made by recreate() of a guarded pool
-        return cls
-    with _guarded_lock:
-        if (cls, is_async) not in _guarded_classes:
-            namespace = {
-                "__module__": __name__,
-                "__qualname__": cls.__qualname__,
-                "connect": _connect_async if is_async else _connect,
-                "_do_return_conn": _do_return_conn,
-                "recreate": _recreate,
-                "dispose": _dispose,
-                "_pk_library_connect": cls.connect,
-                "_pk_library_return": cls._do_return_conn,
-                "_pk_library_recreate": cls.recreate,
-                "_pk_library_dispose": cls.dispose,
-            }
-            _guarded_classes[cls, is_async] = type(cls.__name__, (cls,), namespace)
-        return _guarded_classes[cls, is_async]
+def _guard_pool(pool: Pool, driver: SQLAlchemyDriver) -> None:
+    pool._pk_driver = driver  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the functions above
+    pool._pk_keeper = driver.keeper  # type: ignore[attr-defined]  # noqa: SLF001
+    pool._pk_library = type(pool)  # type: ignore[attr-defined]  # noqa: SLF001
+    set_methods(pool, _ASYNC_GUARDS if driver.is_async else _GUARDS)
 
 
 class SQLAlchemyDriver(Driver):
@@ -235,12 +224,10 @@ class SQLAlchemyDriver(Driver):
         self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.is_async = bool(engine.pool._is_asyncio)  # noqa: SLF001 -- the flag telling async pools apart
-        # What guard() replaced, per pool, for detach(): held weakly, so that the pool an
-        # Engine.dispose() replaced is freed once nothing uses it (a strong list kept every
-        # pool of every dispose alive). The values hold classes only, never the pool.
-        self._library_classes: weakref.WeakKeyDictionary[Pool, tuple[type[Pool], type[Any] | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Every pool guard() guarded, with its queue's own class, for detach(): held weakly, so
+        # that the pool an Engine.dispose() replaced is freed once nothing uses it (a strong list
+        # kept every pool of every dispose alive). The values are classes, never the pool.
+        self._library_classes: weakref.WeakKeyDictionary[Pool, type[Any] | None] = weakref.WeakKeyDictionary()
         # DBAPI connections the parent process opened (set in a forked child): never closed here.
         # Held strongly: their ids stay unique, and a collected psycopg2 or asyncpg connection
         # would send its goodbye on the socket it shares with the parent.
@@ -305,25 +292,22 @@ class SQLAlchemyDriver(Driver):
 
     def detach(self) -> None:
         """Undo :meth:`guard` on every live pool (registration failed halfway, or ``unwrap()``)."""
-        for pool, (pool_class, queue_class) in list(self._library_classes.items()):
+        for pool, queue_class in list(self._library_classes.items()):
             queue = getattr(pool, "_pool", None)
             if queue_class is not None and isinstance(queue, (_RefusingQueue, _GuardedAsyncQueue)):
                 queue.__class__ = queue_class
                 for attribute in ("_pk_keeper", "_pk_waiters"):
                     vars(queue).pop(attribute, None)
-            pool.__class__ = pool_class
-            for attribute in ("_pk_driver", "_pk_keeper"):
-                vars(pool).pop(attribute, None)
+            remove_attributes(pool, _GUARD_ATTRIBUTES)
         self._library_classes.clear()
         self.pools.clear()
         if self.mysql_cancel is not None:
             self.mysql_cancel.detach()
 
     def guard(self, pool: Pool) -> None:
-        """Give ``pool`` (and its queue) their guarded classes."""
+        """Route ``pool``'s checkouts and returns through the keeper (its async queue: a guarded class)."""
         queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
-        library_class = next(cls for cls in type(pool).__mro__ if cls not in _guarded_classes.values())
-        self._library_classes[pool] = (library_class, type(queue) if queue is not None else None)
+        self._library_classes[pool] = type(queue) if queue is not None else None
         if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
             # Async waiters must be registered as they start waiting, so this class is in
             # place from the start; the sync queue is swapped only at refusal time.
@@ -333,9 +317,7 @@ class SQLAlchemyDriver(Driver):
             queue._pk_keeper = self.keeper  # type: ignore[attr-defined]  # noqa: SLF001
         elif queue is not None and not isinstance(queue, sqla_queue.Queue):
             raise TypeError(f"unknown SQLAlchemy queue class {type(queue).__qualname__}")
-        pool._pk_driver = self  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the guarded class
-        pool._pk_keeper = self.keeper  # type: ignore[attr-defined]  # noqa: SLF001
-        pool.__class__ = _guarded_class(type(pool), is_async=self.is_async)
+        _guard_pool(pool, self)
         self.pools.add(pool)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -491,7 +473,7 @@ class SQLAlchemyDriver(Driver):
                 say_goodbye(record.driver_connection)
             record.close()
         if not isinstance(pool, QueuePool):
-            pool._pk_library_dispose()  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
+            pool._pk_library.dispose(pool)  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
 
     async def close_connections(self) -> None:
         """Close the idle connections of every pool (in a thread, or on the engine's loop).

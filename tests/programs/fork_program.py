@@ -221,14 +221,17 @@ def async_adapters() -> dict[str, Any]:
 
 def state() -> dict[str, Any]:
     """The child's registries start afresh: not draining, not closed, no report; closed keepers stay refused."""
+    # Held here: a wrapped engine dropped by its program is collected with its keeper.
+    engines = [sa.create_engine("sqlite://"), sa.create_engine("sqlite://")]
     draining = poolkeeper.Registry()
-    draining.wrap(sa.create_engine("sqlite://"), name="db")
+    draining.wrap(engines[0], name="db")
     draining.start_draining()
     closed = poolkeeper.Registry()
-    closed.wrap(sa.create_engine("sqlite://"), name="db")
+    closed.wrap(engines[1], name="db")
     closed.close()
 
     def child() -> dict[str, Any]:
+        assert all(engine.pool is not None for engine in engines)
         return {
             "draining": draining.draining,
             "closed": closed.closed,
