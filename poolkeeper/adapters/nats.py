@@ -80,7 +80,7 @@ _REQUIRED: tuple[tuple[Any, str], ...] = (
     (Msg, "ack_sync"),
     (Msg, "term"),
 )
-_JS_ACK = "$JS.ACK."
+_JS_ACK_BYTES = b"$JS.ACK."  # the reply subject of a JetStream message, as the client reads it
 _PULL_NEXT = "CONSUMER.MSG.NEXT."
 
 
@@ -99,10 +99,11 @@ class NatsPoolClosedError(PoolClosedError, ConnectionClosedError):
 class _Delivery:
     """One JetStream message from its arrival to its ack, nak or term: the unit of borrow."""
 
-    __slots__ = ("driver", "forced", "message", "task")
+    __slots__ = ("driver", "forced", "keeper", "message", "task")
 
-    def __init__(self, driver: NatsDriver, message: Msg) -> None:
+    def __init__(self, driver: NatsDriver, keeper: Keeper, message: Msg) -> None:
         self.driver = driver
+        self.keeper = keeper  # the driver's, read without its property on every ack
         self.message = message
         self.task: asyncio.Task[Any] | None = None  # the callback's task, once it got the message
         self.forced = False
@@ -129,7 +130,7 @@ def _settle(delivery: _Delivery) -> None:
     message = delivery.message
     if _delivery(message) is delivery:
         _mark(message, None)
-        delivery.driver.keeper.checkin(delivery)
+        delivery.keeper.checkin(delivery)
 
 
 class GuardedMsg(Msg):
@@ -140,19 +141,22 @@ class GuardedMsg(Msg):
 
     async def ack(self) -> None:
         """``Msg.ack``; refused (``MsgAlreadyAckdError``) on a message the force-close nacked."""
-        delivery = _delivery(self)
+        # Once per message: the attribute read and _settle() inline, Msg.ack called directly
+        # (the next class in the MRO; super() makes an object per call).
+        delivery = self._poolkeeper_delivery
         if delivery is not None and delivery.forced:
             raise MsgAlreadyAckdError(self)
-        await super().ack()
-        if delivery is not None:
-            _settle(delivery)
+        await Msg.ack(self)
+        if delivery is not None and self._poolkeeper_delivery is delivery:
+            self._poolkeeper_delivery = None
+            delivery.keeper.checkin(delivery)
 
     async def ack_sync(self, timeout: float = 1.0) -> Msg:
         """``Msg.ack_sync``; refused like :meth:`ack` once forced."""
         delivery = _delivery(self)
         if delivery is not None and delivery.forced:
             raise MsgAlreadyAckdError(self)
-        response = await super().ack_sync(timeout)
+        response = await Msg.ack_sync(self, timeout)
         if delivery is not None:
             _settle(delivery)
         return response
@@ -162,7 +166,7 @@ class GuardedMsg(Msg):
         delivery = _delivery(self)
         if delivery is not None and delivery.forced:
             return
-        await super().nak(delay)
+        await Msg.nak(self, delay)
         if delivery is not None:
             _settle(delivery)
 
@@ -171,7 +175,7 @@ class GuardedMsg(Msg):
         delivery = _delivery(self)
         if delivery is not None and delivery.forced:
             return
-        await super().term()
+        await Msg.term(self)
         if delivery is not None:
             _settle(delivery)
 
@@ -215,11 +219,16 @@ def _pull_guard(base: type[Any]) -> type[Any]:
 # client (per message: _subs, stats, _pending...).
 
 
-def _build_message(client: Any, *args: Any, **kwargs: Any) -> Any:
-    message = type(client)._build_message(client, *args, **kwargs)  # noqa: SLF001 -- the method it replaces
-    driver = _driver_of(client)
-    if driver is not None and isinstance(message, GuardedMsg):
-        driver.received(message)
+def _build_message(client: Any, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:  # noqa: PLR0917 -- the library's own signature
+    # Runs for every message the client receives: the library's own signature (the same from
+    # nats-py 2.7 on), not *args/**kwargs, which would pack a tuple and a dict per message.
+    message = type(client)._build_message(client, sid, subject, reply, data, headers)  # noqa: SLF001 -- the method it replaces
+    if reply.startswith(_JS_ACK_BYTES) and isinstance(message, GuardedMsg):  # a JetStream message: a borrow
+        keeper: Keeper | None = getattr(client, "_poolkeeper_keeper", None)
+        if keeper is not None:
+            delivery = message._poolkeeper_delivery = _Delivery(client._poolkeeper_driver, keeper, message)  # noqa: SLF001 -- set by attach() with the keeper
+            if not keeper.lend(delivery):
+                delivery.driver.refused(message)
     return message
 
 
@@ -244,12 +253,18 @@ async def _subscribe(client: Any, subject: str, *args: Any, **kwargs: Any) -> An
     return subscription
 
 
-async def _publish(client: Any, subject: str, *args: Any, **kwargs: Any) -> None:
-    driver = _driver_of(client)
+def _publish(
+    client: Any, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
+) -> Awaitable[None]:
+    # Every ack is a publish: the library's own signature (the same from nats-py 2.7 on), and no
+    # coroutine of its own, so the library's publish() is awaited with no layer between. The
+    # refusal is raised by the call (nats-py's fetch() awaits it at once).
     # A pull fetch asks for messages by publishing to $JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>.
-    if driver is not None and _PULL_NEXT in subject and not driver.keeper.lending:
-        raise driver.keeper.refusal()
-    await type(client).publish(client, subject, *args, **kwargs)
+    if _PULL_NEXT in subject:
+        keeper: Keeper | None = getattr(client, "_poolkeeper_keeper", None)
+        if keeper is not None and not keeper.lending:
+            raise keeper.refusal()
+    return type(client).publish(client, subject, payload, reply, headers)  # type: ignore[no-any-return]  # the library's coroutine
 
 
 async def _close(client: Any) -> None:
@@ -277,7 +292,7 @@ _CLIENT_GUARDS: dict[str, Callable[..., Any]] = {
     "drain": _drain,
 }
 #: Everything attach() sets on the client, removed by detach().
-_CLIENT_ATTRIBUTES = ("_poolkeeper_driver", "msg_class", *_CLIENT_GUARDS)
+_CLIENT_ATTRIBUTES = ("_poolkeeper_keeper", "_poolkeeper_driver", "msg_class", *_CLIENT_GUARDS)
 
 
 class NatsDriver(Driver):
@@ -338,6 +353,7 @@ class NatsDriver(Driver):
         client = self.client
         try:
             client._poolkeeper_driver = self  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the guards above
+            client._poolkeeper_keeper = keeper  # type: ignore[attr-defined]  # noqa: SLF001 -- read per message
             client.msg_class = GuardedMsg  # its messages are made guarded: _build_message() reads it
             set_methods(client, _CLIENT_GUARDS)
         except BaseException:
@@ -348,34 +364,32 @@ class NatsDriver(Driver):
         """Give the client back its class's own methods."""
         remove_attributes(self.client, _CLIENT_ATTRIBUTES)
 
-    def received(self, message: GuardedMsg) -> None:
-        """A message arrived: a JetStream one is a borrow until acknowledged."""
-        reply = message.reply
-        if not reply or not reply.startswith(_JS_ACK):
-            return
-        delivery = _Delivery(self, message)
-        _mark(message, delivery)
-        if not self.keeper.lend(delivery):
-            _mark(message, None)
-            with contextlib.suppress(RuntimeError):  # the loop is closing: nothing to give back to
-                task = asyncio.ensure_future(self._nak(message))
-                self._naks.add(task)  # a reference until done: asyncio keeps tasks only weakly
-                task.add_done_callback(self._naks.discard)
+    def refused(self, message: GuardedMsg) -> None:
+        """A JetStream message arrived after the force-close began: not lent, nacked at once."""
+        _mark(message, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nothing to give back to
+            task = asyncio.ensure_future(self._nak(message))
+            self._naks.add(task)  # a reference until done: asyncio keeps tasks only weakly
+            task.add_done_callback(self._naks.discard)
 
     def wrap_callback(self, cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         """``cb`` recording the handler task of each message it gets; a message arriving while closing is nacked."""
         keeper = self.keeper
         loop = asyncio.get_running_loop()  # subscribe()'s: where nats-py runs the callbacks
 
-        async def on_message(message: Msg) -> None:
-            delivery = _delivery(message)
+        def on_message(message: Msg) -> Awaitable[None]:
+            # No coroutine of its own: it returns the handler's (or the nak's), which the
+            # subscription's task then awaits with no layer between, on every message.
+            delivery: _Delivery | None = getattr(message, "_poolkeeper_delivery", None)  # _delivery(), inline
             if delivery is not None:
                 if not keeper.lending:
-                    await self._nak(message)  # arrived before the server saw the UNSUB: give it back
-                    return
-                delivery.task = current_task_of(loop)
-            await cb(message)
+                    return self._nak(message)  # arrived before the server saw the UNSUB: give it back
+                delivery.task = current_task_of(loop)  # the subscription's task, about to await the handler
+            return cb(message)
 
+        # nats-py takes a callback that is a coroutine function, or has one as its ``func`` (its
+        # rule for functools.partial): this is the second kind.
+        on_message.func = cb  # type: ignore[attr-defined]  # read by nats-py's subscribe()
         return on_message
 
     async def _nak(self, message: Msg) -> None:
