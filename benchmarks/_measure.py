@@ -7,6 +7,7 @@ summarised as the median of the per-round ratios.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import statistics
@@ -240,3 +241,18 @@ def latency_result(name: str, samples: list[float], goal_ms: float) -> Result:
         met=median_ms <= goal_ms,
         detail=f"p90 {p90_ms:.3f} ms, max {ordered[-1] * 1e3:.3f} ms, {len(ordered)} samples",
     )
+
+
+def acking_handler(messages: int) -> tuple[Callable[[Any], Awaitable[None]], asyncio.Event]:
+    """A consumer callback that acks each message it gets, and the event it sets at the ``messages``-th."""
+    done = asyncio.Event()
+    count = 0
+
+    async def handler(message: Any) -> None:
+        nonlocal count
+        await message.ack()
+        count += 1
+        if count == messages:
+            done.set()
+
+    return handler, done

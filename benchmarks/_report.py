@@ -105,7 +105,8 @@ def _overhead(results: Sequence[Result]) -> list[str]:
         "costs what a shallow one does; file names and lines are worked out only when a borrow is shown.",
         "Looking at a frame costs CPython a frame object, so the cost is the library's depth plus 4",
         "frames. `python -m benchmarks.instructions` counts the instructions of the bare checkouts",
-        "under valgrind, which load on the machine does not move.",
+        "under valgrind, which load on the machine does not move; `python -m benchmarks.consume_instructions`",
+        "counts those of a consumed and acked message (the aio-pika and NATS rows).",
         "",
         *_table(
             ("measure", "raw library", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
@@ -287,6 +288,7 @@ def markdown(rows: Sequence[Row], machine: Machine) -> str:
         "nox -s bench                 # installs the project, runs every suite, rewrites this page",
         "python -m benchmarks --help  # the same without nox: --only SUITE, --no-report, --json PATH",
         "python -m benchmarks.instructions  # instructions per bare checkout, raw/wrapped/tracked (valgrind)",
+        "python -m benchmarks.consume_instructions  # instructions per consumed+acked message (valgrind)",
         "```",
         "",
         "The servers are PostgreSQL and Redis on loopback by default; `POOLKEEPER_POSTGRES_URL` and",

@@ -10,7 +10,7 @@ from typing import Any
 
 import aio_pika
 
-from benchmarks._measure import Result, alternate, timed
+from benchmarks._measure import Result, acking_handler, alternate, timed
 from poolkeeper import Registry
 
 URL = os.environ.get("POOLKEEPER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -26,16 +26,7 @@ async def seconds_per_message(channel: Any, queue_name: str, publisher: Any) -> 
     for _ in range(MESSAGES):
         await publisher.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue_name)
     queue = await channel.declare_queue(queue_name, passive=True)
-    done = asyncio.Event()
-    count = 0
-
-    async def handler(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        nonlocal count
-        await message.ack()
-        count += 1
-        if count == MESSAGES:
-            done.set()
-
+    handler, done = acking_handler(MESSAGES)
     with timed():  # the garbage collector paused, as in every other overhead row
         started = time.perf_counter()
         tag = await queue.consume(handler)

@@ -11,7 +11,7 @@ from typing import Any
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from benchmarks._measure import Result, alternate, timed
+from benchmarks._measure import Result, acking_handler, alternate, timed
 from poolkeeper import Registry
 
 URL = os.environ.get("POOLKEEPER_NATS_URL", "nats://127.0.0.1:4222")
@@ -25,15 +25,7 @@ async def seconds_per_message(client: Any, publisher: Any, subject: str) -> floa
     for _ in range(MESSAGES):
         ack = await publisher.publish(subject, b"x")
         first = ack.seq if first is None else first
-    done = asyncio.Event()
-    count = 0
-
-    async def handler(message: Any) -> None:
-        nonlocal count
-        await message.ack()
-        count += 1
-        if count == MESSAGES:
-            done.set()
+    handler, done = acking_handler(MESSAGES)
 
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first, max_ack_pending=PENDING
