@@ -57,7 +57,7 @@ logger = logging.getLogger("poolkeeper.nats")
 # -- what this adapter reads from nats-py, per version line -----------------------------------
 #
 #   Client.msg_class                       2.7+   the class of every received message (set on the
-#                                                 guarded client class to a guarded Msg subclass)
+#                                                 client to a guarded Msg subclass)
 #   Client._build_message                  2.7+   where a received message becomes a borrow
 #   Client._request_sub_callback           2.7+   the request multiplexer's own subscription, which
 #                                                 is never refused (JetStream API calls use it)

@@ -64,9 +64,9 @@ Pool = ConnectionPool | AsyncConnectionPool
 # depends on the pool (its class, its instance attributes). A missing name makes wrap() raise
 # UnsupportedResourceError; nothing in a shutdown looks a name up by chance.
 #
-#   ConnectionPool.get_connection, .release   5.0+  public; the guarded class calls the library's
-#                                                   through super() at each call, so that a patch
-#                                                   of the class made after wrapping applies
+#   ConnectionPool.get_connection, .release   5.0+  public; the guards set on the pool call the
+#                                                   class's own, looked up at each call, so that a
+#                                                   patch of the class made after wrapping applies
 #   asyncio ConnectionPool.can_get_connection 5.0+  the predicate BlockingConnectionPool waiters re-check
 #   asyncio BlockingConnectionPool._condition 5.0+  what its waiters wait on
 #   BlockingConnectionPool.pool               5.0+  its queue.Queue of connections
@@ -129,15 +129,14 @@ class RedisPoolClosedError(PoolClosedError, RedisError):
     """
 
 
-# -- the guarded pool class ----------------------------------------------------------------------
+# -- the guarded pool methods (set on the pool by _guard()) --------------------------------------
 # Module-level functions rather than a class body, so that the hot path (get and release) is
 # one call deep, reads no properties and makes no super() object.
 
 
-# The library's own methods are looked up on the library's class (the guarded class's
-# _pk_library) at each call rather than saved when the class is made: a patch of
-# ConnectionPool.get_connection made after wrapping (mock.patch) is then what runs, as it would
-# for an unwrapped pool. A class attribute read costs less than a super() object per call.
+# The library's own methods are looked up on the pool's class (_pk_library) at each call rather
+# than saved when the pool is guarded: a patch of ConnectionPool.get_connection made after
+# wrapping (mock.patch) is then what runs, as it would for an unwrapped pool.
 
 
 def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:

@@ -322,7 +322,7 @@ class SQLAlchemyDriver(Driver):
             self.mysql_cancel.detach()
 
     def guard(self, pool: Pool) -> None:
-        """Route ``pool``'s checkouts and returns through the keeper (its async queue: a guarded class)."""
+        """Route ``pool``'s checkouts and returns through the keeper (an async queue: its get() too)."""
         queue = getattr(pool, "_pool", None) if isinstance(pool, QueuePool) else None
         self._library_classes[pool] = type(queue) if queue is not None else None
         if isinstance(queue, sqla_queue.AsyncAdaptedQueue):
