@@ -520,13 +520,15 @@ class Registry:
         def publish(report: ShutdownReport) -> None:
             # Also called when the task running the shutdown is cancelled: the force-close has
             # finished, so every other caller gets the report while the cancellation propagates.
-            shutdown.finish(report)
+            # Logged before any caller gets it: a caller may end the process at once (run() after
+            # a second signal, whose force-close runs this in a daemon thread that the exit kills).
             logger.log(
                 logging.INFO if report.ok else logging.WARNING,
                 "%s",
                 report,
                 extra={"poolkeeper_report": report.to_dict()},
             )
+            shutdown.finish(report)
 
         try:
             return await run_shutdown(self._live_items(), deadline, shutdown.force, publish)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -152,3 +154,45 @@ def test_the_report_says_what_forced_a_borrowed_connection_closed(make_engine, c
     assert item.leaks[0].site is not None
     assert "test_report.py" in item.leaks[0].site
     assert "; forced by " in str(report)
+
+
+def test_a_second_caller_gets_the_report_only_once_it_is_logged():
+    """close() from a second thread returns only after the report was logged.
+
+    run() ends the process as soon as its close returns; when a second signal's force-close owns
+    the shutdown (a daemon thread, killed by that exit), the report must be logged by then.
+    """
+    registry = Registry()
+    registry.wrap(sa.create_engine("sqlite://"), name="db")
+    logging_report = threading.Event()
+    release = threading.Event()
+
+    class Holding(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("poolkeeper shutdown"):
+                logging_report.set()
+                release.wait(10)
+
+    registry_logger = logging.getLogger("poolkeeper.registry")
+    handler, level = Holding(), registry_logger.level
+    registry_logger.addHandler(handler)
+    registry_logger.setLevel(logging.INFO)
+    try:
+        owner = threading.Thread(target=registry.close)
+        owner.start()
+        assert logging_report.wait(10)  # the owner is inside the log call now
+        second = threading.Thread(target=registry.close)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # it has not got the report: it is not logged yet
+        release.set()
+        second.join(10)
+        owner.join(10)
+        assert not second.is_alive()
+        assert not owner.is_alive()
+    finally:
+        release.set()
+        registry_logger.removeHandler(handler)
+        registry_logger.setLevel(level)
+    assert registry.report is not None
+    assert registry.report.ok
