@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 import redis
 import redis.asyncio
+import sqlalchemy as sa
 from aiohttp.connector import Connection
 
 import poolkeeper.adapters.aiohttp as aiohttp_adapter
@@ -241,6 +242,23 @@ def test_a_patch_of_redis_classes_after_wrapping_is_what_runs(make_client):
     execute.assert_called_once()
     assert execute.call_args.args == ("GET", "key")
     assert registry.close()["cache"].outcome == "clean"
+
+
+def test_a_patch_of_the_sqlalchemy_pool_class_after_wrapping_is_what_runs(make_engine):
+    """A patch of QueuePool.connect made after wrap runs for the wrapped engine, whose checkout is still a borrow."""
+    engine = make_engine(pool_size=1)
+    registry = Registry()
+    registry.wrap(engine, name="db")
+    library_connect = sa.pool.QueuePool.connect
+    with (
+        mock.patch.object(sa.pool.QueuePool, "connect", autospec=True, side_effect=library_connect) as connect,
+        engine.connect() as connection,
+    ):
+        assert connection.exec_driver_sql("select 1").scalar() == 1
+        assert registry["db"].borrowed == 1
+    assert connect.call_count == 1
+    assert registry["db"].borrowed == 0
+    assert registry.close()["db"].outcome == "clean"
 
 
 @pytest.mark.asyncio

@@ -134,7 +134,7 @@ class RedisPoolClosedError(PoolClosedError, RedisError):
 # one call deep, reads no properties and makes no super() object.
 
 
-# The library's own methods are looked up on the pool's class (_pk_library) at each call rather
+# The library's own methods are looked up on the pool's class (type(pool)) at each call rather
 # than saved when the pool is guarded: a patch of ConnectionPool.get_connection made after
 # wrapping (mock.patch) is then what runs, as it would for an unwrapped pool.
 
@@ -144,7 +144,7 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     # Counted as out from here: connecting (and the health check) are round trips that closing
     # may overtake; a checkout landing after forcing began is cut (issue 13, item 1).
     keeper.start_checkout()
-    library: Any = pool._pk_library  # noqa: SLF001 -- the library's pool class
+    library: Any = type(pool)  # the pool's own class: its get_connection and release are the library's
     window: _QueueLockWindow | None = pool._pk_queue_window  # noqa: SLF001 -- None but on a blocking pool
     try:
         if window is None:
@@ -167,7 +167,7 @@ def _release(pool: Any, connection: Any) -> None:
     if window is None:
         # Back in the pool first: the return may wake the closer, which then closes idle connections.
         try:
-            pool._pk_library.release(pool, connection)  # noqa: SLF001
+            type(pool).release(pool, connection)
         finally:
             pool._pk_keeper.checkin(connection)  # noqa: SLF001
     elif window.entered_here:
@@ -177,7 +177,7 @@ def _release(pool: Any, connection: Any) -> None:
     else:
         with window:
             try:
-                pool._pk_library.release(pool, connection)  # noqa: SLF001
+                type(pool).release(pool, connection)
             finally:
                 pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
@@ -185,7 +185,7 @@ def _release(pool: Any, connection: Any) -> None:
 async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper: Keeper = pool._pk_keeper  # noqa: SLF001 -- set by RedisDriver.attach
     keeper.start_checkout()  # as in _get_connection: out for the drain while it connects
-    library: Any = pool._pk_library  # noqa: SLF001
+    library: Any = type(pool)
     try:
         connection = await library.get_connection(pool, *args, **options)
     except BaseException:
@@ -201,7 +201,7 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
 
 async def _release_async(pool: Any, connection: Any) -> None:
     try:
-        await pool._pk_library.release(pool, connection)  # noqa: SLF001
+        await type(pool).release(pool, connection)
     finally:
         pool._pk_keeper.checkin(connection)  # noqa: SLF001
 
@@ -210,7 +210,7 @@ def _can_get_connection(pool: Any) -> bool:
     # The predicate asyncio BlockingConnectionPool's waiters re-check when notified: raising here
     # makes a woken waiter fail with the refusal before it takes or makes a connection.
     pool._pk_keeper.admit()  # noqa: SLF001
-    return bool(pool._pk_library.can_get_connection(pool))  # noqa: SLF001
+    return bool(type(pool).can_get_connection(pool))
 
 
 #: The pool methods the keeper puts over the library's, per pool kind (set_methods(): instance
@@ -223,19 +223,18 @@ _ASYNC_GUARDS: dict[str, Callable[..., Any]] = {
     "can_get_connection": _can_get_connection,
 }
 #: Everything _guard() sets on a pool, removed by detach().
-_GUARD_ATTRIBUTES = ("_pk_keeper", "_pk_driver", "_pk_library", "_pk_queue_window", *_ASYNC_GUARDS)
+_GUARD_ATTRIBUTES = ("_pk_keeper", "_pk_driver", "_pk_queue_window", *_ASYNC_GUARDS)
 
 
 def _guard(pool: Any, driver: RedisDriver) -> None:
     """Route the pool's checkouts and returns through ``driver``'s keeper.
 
-    ``_pk_library`` is the pool's own class, where the library's methods are looked up at each
-    call: a patch of ``ConnectionPool.get_connection`` made after wrapping (``mock.patch``) is
-    then what runs, as it would for an unwrapped pool.
+    The guards look the library's methods up on ``type(pool)`` at each call: a patch of
+    ``ConnectionPool.get_connection`` made after wrapping (``mock.patch``) is then what runs, as
+    it would for an unwrapped pool.
     """
     pool._pk_keeper = driver.keeper  # noqa: SLF001 -- read by the functions above
     pool._pk_driver = driver  # noqa: SLF001
-    pool._pk_library = type(pool)  # noqa: SLF001
     # The sync BlockingConnectionPool's queue lock window (see _QueueLockWindow), read by _release.
     pool._pk_queue_window = _QueueLockWindow() if isinstance(pool, BlockingConnectionPool) else None  # noqa: SLF001
     set_methods(pool, _ASYNC_GUARDS if driver.is_async else _SYNC_GUARDS)

@@ -157,7 +157,7 @@ def _take_all_async(queue: Any) -> list[Any]:
 # The guarded pool methods, set on the pool by _guard(). Module-level functions rather than a
 # class body, so that the hot path (connect and return) is one call deep, reads no properties
 # and makes no super() object. The library's own methods are looked up on the pool's class
-# (_pk_library) at each call: a patch of QueuePool.connect made after wrapping is what runs.
+# (type(pool)) at each call: a patch of QueuePool.connect made after wrapping is what runs.
 
 
 def _connect(pool: Any) -> Any:
@@ -165,7 +165,7 @@ def _connect(pool: Any) -> Any:
     # Counted as out from here: connecting and pre-ping are round trips that closing may overtake.
     keeper.start_checkout()
     try:
-        fairy = pool._pk_library.connect(pool)  # noqa: SLF001 -- the pool class's own connect()
+        fairy = type(pool).connect(pool)  # the pool class's own connect()
     except BaseException:
         keeper.end_checkout()
         raise
@@ -189,7 +189,7 @@ def _connect_async(pool: Any) -> Any:
 
 def _do_return_conn(pool: Any, record: ConnectionPoolEntry) -> None:
     # Back in the pool first: the return may wake the closer, which then closes idle connections.
-    pool._pk_library._do_return_conn(pool, record)  # noqa: SLF001 -- the pool class's own
+    type(pool)._do_return_conn(pool, record)  # noqa: SLF001 -- the pool class's own
     pool._pk_keeper.checkin(record)  # noqa: SLF001 -- set by SQLAlchemyDriver.guard
 
 
@@ -197,7 +197,7 @@ def _recreate(pool: Any) -> Pool:
     driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
     if not driver.keeper.lending:
         return pool  # type: ignore[no-any-return]  # Engine.dispose() after close keeps this refusing pool
-    fresh: Pool = pool._pk_library.recreate(pool)  # noqa: SLF001 -- the pool class's own recreate()
+    fresh: Pool = type(pool).recreate(pool)  # the pool class's own recreate()
     driver.guard(fresh)
     return fresh
 
@@ -205,7 +205,7 @@ def _recreate(pool: Any) -> Pool:
 def _dispose(pool: Any) -> None:
     driver: SQLAlchemyDriver = pool._pk_driver  # noqa: SLF001
     if driver.keeper.lending:
-        pool._pk_library.dispose(pool)  # noqa: SLF001 -- the pool class's own dispose()
+        type(pool).dispose(pool)  # the pool class's own dispose()
     else:
         driver.close_idle_now(pool)  # never touch the refusing queue through Pool.dispose()
 
@@ -219,13 +219,12 @@ _GUARDS: dict[str, Callable[..., Any]] = {
     "dispose": _dispose,
 }
 _ASYNC_GUARDS = {**_GUARDS, "connect": _connect_async}
-_GUARD_ATTRIBUTES = ("_pk_driver", "_pk_keeper", "_pk_library", *_GUARDS)
+_GUARD_ATTRIBUTES = ("_pk_driver", "_pk_keeper", *_GUARDS)
 
 
 def _guard_pool(pool: Pool, driver: SQLAlchemyDriver) -> None:
     pool._pk_driver = driver  # type: ignore[attr-defined]  # noqa: SLF001 -- read by the functions above
     pool._pk_keeper = driver.keeper  # type: ignore[attr-defined]  # noqa: SLF001
-    pool._pk_library = type(pool)  # type: ignore[attr-defined]  # noqa: SLF001
     set_methods(pool, _ASYNC_GUARDS if driver.is_async else _GUARDS)
 
 
@@ -490,7 +489,7 @@ class SQLAlchemyDriver(Driver):
                 say_goodbye(record.driver_connection)
             record.close()
         if not isinstance(pool, QueuePool):
-            pool._pk_library.dispose(pool)  # type: ignore[attr-defined]  # noqa: SLF001 -- the library's own: no queue
+            type(pool).dispose(pool)  # the library's own: no queue
 
     async def close_connections(self) -> None:
         """Close the idle connections of every pool (in a thread, or on the engine's loop).
