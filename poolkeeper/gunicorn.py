@@ -44,9 +44,11 @@ If you define a hook of the same name yourself, call ours from it.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -73,6 +75,7 @@ GUNICORN_GRACEFUL_TIMEOUT = 30.0
 _settings: dict[str, Any] = {"registry": None, "shutdown_delay": 0.0, "grace_period": None}
 _handlers: SignalHandlers | None = None
 _stopped_at: float | None = None  # when gunicorn's own SIGTERM handler ran in this worker
+_leaving = False  # a uvicorn worker's SIGTERM raised _WorkerExit, which is on its way out
 
 
 def configure(
@@ -155,6 +158,7 @@ def post_worker_init(worker: Any) -> None:
         # chains in front of that one). Once it has stopped serving, uvicorn raises the SIGTERM
         # again: with the default the worker would die of it before worker_exit runs, unreported.
         signal.signal(signal.SIGTERM, _exit_worker)
+        sys.unraisablehook = _resend_swallowed_exit(sys.unraisablehook)
         worker.log.debug("poolkeeper: this worker's server handles SIGTERM while it serves")
         return
 
@@ -172,8 +176,41 @@ def post_worker_init(worker: Any) -> None:
     )
 
 
+class _WorkerExit(SystemExit):
+    """``SystemExit(0)`` raised by a uvicorn worker's SIGTERM outside uvicorn's own handler."""
+
+
 def _exit_worker(signum: int, frame: Any) -> None:  # noqa: ARG001 -- a signal handler's signature
-    raise SystemExit(0)  # gunicorn then runs worker_exit, as for any worker leaving normally
+    global _leaving  # noqa: PLW0603 -- per worker process
+    if _leaving:
+        return  # a second SIGTERM must not cut short the worker_exit the first one leads to
+    _leaving = True
+    raise _WorkerExit(0)  # gunicorn then runs worker_exit, as for any worker leaving normally
+
+
+def _resend_swallowed_exit(previous: Any) -> Any:
+    """A ``sys.unraisablehook`` that sends the SIGTERM again when a finalizer swallowed its exit.
+
+    A SIGTERM in the window before uvicorn has put its own handler in place (while the worker
+    starts, where the master's connections dropped after the fork are finalized) can land inside
+    a ``__del__`` or a weakref callback. Python reports an exception raised there and goes on:
+    the worker would start serving and live until gunicorn kills it, unreported. The signal is
+    sent to the main thread again from a new thread, which needs the GIL to send it, so it lands
+    after the finalizer returned: in the worker's next line, or in uvicorn's handler if that is
+    in place by then.
+    """
+
+    def hook(unraisable: Any) -> None:
+        global _leaving  # noqa: PLW0603 -- per worker process
+        if not isinstance(unraisable.exc_value, _WorkerExit):  # raised by the handler: in the main thread
+            previous(unraisable)
+            return
+        _leaving = False
+        # Not threading.Thread: its start() waits for the thread, which would deliver the signal
+        # into this hook, where it would be swallowed again.
+        _thread.start_new_thread(signal.pthread_kill, (_thread.get_ident(), signal.SIGTERM))  # the main thread's
+
+    return hook
 
 
 def worker_exit(server: Any, worker: Any) -> None:  # noqa: ARG001 -- gunicorn's hook signature

@@ -86,13 +86,13 @@ class Gunicorn:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
-    def served_by(self, pid: int, tries: int = 400) -> dict[str, Any]:
-        """What a request served by worker ``pid`` answered (requests land on workers at random)."""
-        for _ in range(tries):
-            status, body = self.get()
-            if status == 200 and body["pid"] == pid:
-                return body
-        raise AssertionError(f"worker {pid} served none of {tries} requests")
+    def connections(self, pid: int) -> dict[str, int]:
+        """The backend and Redis client id that worker ``pid`` reported once it was ready (gunicorn_conf.py)."""
+        pattern = rf"worker pid={pid} backend=(\d+) redis=(\d+)"
+        assert eventually(lambda: re.search(pattern, self.stderr) is not None), self.stderr
+        found = re.search(pattern, self.stderr)
+        assert found is not None
+        return {"pid": pid, "backend": int(found[1]), "redis": int(found[2])}
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -131,23 +131,30 @@ def test_preload_worker_and_master_shutdown(
         assert int(imported[1]) == gunicorn.process.pid  # preloaded: the master opened these
         master_backend, master_redis = int(imported[2]), int(imported[3])
         first, second = gunicorn.workers()
-        served_first, served_second = gunicorn.served_by(first), gunicorn.served_by(second)
-        # Each worker has connections of its own, none of them the master's.
-        assert len({master_backend, served_first["backend"], served_second["backend"]}) == 3
-        assert len({master_redis, served_first["redis"], served_second["redis"]}) == 3
+        own = {pid: gunicorn.connections(pid) for pid in (first, second)}
+        # Each worker has connections of its own, none of them the master's, and serves on them.
+        assert len({master_backend, own[first]["backend"], own[second]["backend"]}) == 3
+        assert len({master_redis, own[first]["redis"], own[second]["redis"]}) == 3
+        status, body = gunicorn.get()
+        assert (status, body) == (200, own[body["pid"]])
 
         os.kill(first, signal.SIGTERM)
         assert eventually(lambda: first not in gunicorn.workers()), gunicorn.stderr
-        assert eventually(lambda: served_first["backend"] not in [pid for pid, _, _ in server.backends()]), (
+        assert eventually(lambda: own[first]["backend"] not in [pid for pid, _, _ in server.backends()]), (
             gunicorn.stderr
         )
 
         backends = [pid for pid, _, _ in server.backends()]
         assert master_backend in backends  # the master's idle connection is still open
-        assert master_redis in redis_clients(redis_url, application_name)
-        assert served_first["redis"] not in redis_clients(redis_url, application_name)
-        again = gunicorn.served_by(second)
-        assert (again["backend"], again["redis"]) == (served_second["backend"], served_second["redis"])
+        assert own[second]["backend"] in backends  # and so is the other worker's
+        clients = redis_clients(redis_url, application_name)
+        assert master_redis in clients
+        assert own[second]["redis"] in clients
+        assert own[first]["redis"] not in clients
+        status, body = gunicorn.get()  # the other worker or the stopped one's replacement, on its own connections
+        assert status == 200
+        assert body["pid"] != first
+        assert body == gunicorn.connections(body["pid"])
         assert gunicorn.get("/readyz")[0] == 200  # the other workers are ready
 
         assert eventually(lambda: len(gunicorn.workers()) == 2), gunicorn.stderr  # the stopped worker replaced

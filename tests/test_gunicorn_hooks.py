@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -79,3 +81,45 @@ def test_configure_refuses_a_grace_period_that_is_no_positive_number_by_name(val
     with pytest.raises(ValueError, match="grace_period"):
         poolkeeper.gunicorn.configure(shutdown_delay=3.0, grace_period=value)
     assert poolkeeper.gunicorn._settings["shutdown_delay"] == 0.0
+
+
+FINALIZED_SIGTERM = """
+import logging, os, signal, sys, time
+from types import SimpleNamespace
+import poolkeeper.gunicorn
+
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as gunicorn's uvicorn worker leaves it before serving
+worker = SimpleNamespace(cfg=SimpleNamespace(graceful_timeout=5.0), log=logging.getLogger("worker"))
+poolkeeper.gunicorn.post_worker_init(worker)
+
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # the SIGTERM lands in a finalizer, which swallows what it raises
+
+
+try:
+    Finalized()
+    time.sleep(30)  # a worker that went on: waiting in accept() for requests
+    print("still serving", flush=True)
+except SystemExit as leaving:
+    print(f"left with {leaving.code}", flush=True)
+    signal.raise_signal(signal.SIGTERM)  # a second one, while worker_exit closes the registry
+    print("worker_exit went on", flush=True)
+"""
+
+
+def test_a_uvicorn_workers_sigterm_swallowed_by_a_finalizer_still_ends_the_worker() -> None:
+    """A SIGTERM before uvicorn serves that lands in a ``__del__`` still leaves through gunicorn's exit path, at once.
+
+    A second SIGTERM on the way out does not cut that path short.
+    """
+    started = time.monotonic()
+    finished = subprocess.run(
+        [sys.executable, "-c", FINALIZED_SIGTERM], capture_output=True, text=True, timeout=60, check=False
+    )
+    elapsed = time.monotonic() - started
+
+    assert (finished.returncode, finished.stdout) == (0, "left with 0\nworker_exit went on\n"), finished.stderr
+    assert "Exception ignored" not in finished.stderr
+    assert elapsed < 10  # the 30 s wait was cut short, not waited out
