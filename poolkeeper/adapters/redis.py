@@ -148,7 +148,12 @@ def _get_connection(pool: Any, *args: Any, **options: Any) -> Any:
     window: _QueueLockWindow | None = pool._pk_queue_window  # noqa: SLF001 -- None but on a blocking pool
     try:
         if window is None:
-            connection = library.get_connection(pool, *args, **options)
+            # Nothing to pass on (redis-py 6+ commands pass nothing): a plain call costs about
+            # 1,000 instructions less than forwarding empty *args and **options.
+            if args or options:
+                connection = library.get_connection(pool, *args, **options)
+            else:
+                connection = library.get_connection(pool)
         else:
             with window:  # the queue's get holds its plain lock: see _QueueLockWindow
                 connection = library.get_connection(pool, *args, **options)
@@ -187,7 +192,10 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
     keeper.start_checkout()  # as in _get_connection: out for the drain while it connects
     library: Any = type(pool)
     try:
-        connection = await library.get_connection(pool, *args, **options)
+        if args or options:  # as in _get_connection: a plain call when there is nothing to pass on
+            connection = await library.get_connection(pool, *args, **options)
+        else:
+            connection = await library.get_connection(pool)
     except BaseException:
         keeper.end_checkout()
         raise
