@@ -327,6 +327,18 @@ class Keeper:
         if entry is not None and collected(entry):
             self._note_gc_return(connection, entry)
 
+    def checkin_collected(self, connection: Any) -> None:
+        """:meth:`checkin` of a connection the garbage collector gave back: its borrower leaked it.
+
+        For adapters that lend with no holder to ask and whose release callback can tell (an
+        aiohttp response released by its ``__del__``): reported as :meth:`checkin` reports a
+        return whose holder is dead.
+        """
+        entry = self._borrows.get(connection)
+        self.checkin(connection)
+        if entry is not None and not collected(entry):  # else checkin() has noted it, asking the holder
+            self._note_gc_return(connection, entry)
+
     def _count_return(self, connection: Any, entry: Entry | None) -> None:
         # A return popped while open, but closing started meanwhile: count it, wake the closer.
         if self._lock.entered_here:

@@ -10,7 +10,7 @@ This package is public. What a third-party adapter needs is re-exported here, wi
   built-in adapters use for blocking calls, foreign event loops and version checks.
 
 The checkout protocol a driver's guards call lives on :class:`poolkeeper.Keeper`
-(``admit`` / ``start_checkout`` / ``lend`` / ``end_checkout`` / ``checkin`` / ``refusal``).
+(``admit`` / ``start_checkout`` / ``lend`` / ``end_checkout`` / ``checkin`` / ``checkin_collected`` / ``refusal``).
 The guide and the contract method by method: ``docs/adapters.md``.
 
 The modules beside this one (``poolkeeper.adapters.redis``...) are poolkeeper's own adapters, one

@@ -135,8 +135,10 @@ class AiohttpPoolClosedError(PoolClosedError, RuntimeError):
 class _InFlight:
     """One request, from the moment it is sent until its response is released: the unit of borrow.
 
-    It is also the borrow's holder (see ``Keeper.lend``): calling it answers ``None`` once the
-    response was released by the garbage collector rather than by its holder.
+    It is also the connection's release callback (``Connection.add_callback``): calling it ends
+    the borrow, as a return by the garbage collector (a leak) when the response was released by
+    ``ClientResponse.__del__`` rather than by its holder. Being the callback itself, rather than
+    giving aiohttp a bound method of it, saves 64 bytes per request in flight.
     """
 
     __slots__ = ("cancelled_at", "connection", "keeper", "response", "sending", "task")
@@ -155,17 +157,15 @@ class _InFlight:
         # The task's cancellation count before a force-close cancelled it (None: never forced).
         self.cancelled_at: int | None = None
 
-    def __call__(self) -> _InFlight | None:
+    def __call__(self) -> None:
+        """The connection was released: the borrow ends."""
         ref = self.response
-        if ref is None:
-            return self
-        response = ref()
+        response = None if ref is None else ref()
         # Every release path sets _closed first; only ClientResponse.__del__ releases an open one.
-        return None if response is None or not response._closed else self  # noqa: SLF001 -- no public flag
-
-    def returned(self) -> None:
-        """The connection's release callback: the borrow ends (a bound method costs a third of a partial)."""
-        self.keeper.checkin(self)
+        if ref is not None and (response is None or not response._closed):  # noqa: SLF001 -- no public flag
+            self.keeper.checkin_collected(self)
+        else:
+            self.keeper.checkin(self)
 
 
 # The request being sent by each task's _request: how the session's request class finds which
@@ -276,7 +276,7 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
     async def _borrowed(library_call: Awaitable[ClientResponse]) -> ClientResponse:
         task = asyncio.current_task()
         request = _InFlight(keeper, task)
-        if not keeper.lending or not keeper.lend(request, request):
+        if not keeper.lending or not keeper.lend(request):  # no holder: the release callback tells
             _discard(library_call)
             raise keeper.refusal()
         outer = _in_flight.get(task)  # a request made inside another's _request (a trace callback's)
@@ -307,7 +307,7 @@ def _guarded_request(session: ClientSession, driver: AiohttpDriver) -> Callable[
         else:
             request.connection = connection
             request.response = weakref.ref(response)
-            connection.add_callback(request.returned)
+            connection.add_callback(request)
         return response
 
     return _request
