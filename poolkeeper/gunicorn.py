@@ -202,13 +202,14 @@ def _resend_swallowed_exit(previous: Any) -> Any:
 
     def hook(unraisable: Any) -> None:
         global _leaving  # noqa: PLW0603 -- per worker process
-        if not isinstance(unraisable.exc_value, _WorkerExit):  # raised by the handler: in the main thread
+        if not isinstance(unraisable.exc_value, _WorkerExit):
             previous(unraisable)
             return
         _leaving = False
-        # Not threading.Thread: its start() waits for the thread, which would deliver the signal
-        # into this hook, where it would be swallowed again.
-        _thread.start_new_thread(signal.pthread_kill, (_thread.get_ident(), signal.SIGTERM))  # the main thread's
+        # _WorkerExit comes from the signal handler, so this hook runs in the main thread: the
+        # signal goes to this thread. Not through threading.Thread, whose start() waits for the
+        # new thread and would so take the signal inside this hook, where it is swallowed again.
+        _thread.start_new_thread(signal.pthread_kill, (_thread.get_ident(), signal.SIGTERM))
 
     return hook
 

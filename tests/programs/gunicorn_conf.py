@@ -1,8 +1,8 @@
 """gunicorn configuration for tests/test_gunicorn.py: poolkeeper's hooks, each worker's connections reported.
 
-The kernel, not the test, chooses which worker accepts a request (a sync worker that has just
-served one is woken first for the next), so the test cannot ask a given worker for its
-connections: each worker prints them once it is ready, from a ``post_worker_init`` that calls
+The kernel, not the test, chooses which worker accepts a request (one sync worker answered 400
+requests in a row while the other sat idle in ``select()``), so the test cannot ask a given
+worker for its connections: each worker prints them once it is ready, from a ``post_worker_init`` that calls
 poolkeeper's own first, as the docstring of :mod:`poolkeeper.gunicorn` asks.
 """
 
