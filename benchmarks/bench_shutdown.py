@@ -1,8 +1,9 @@
 """Shutdown itself: concurrency, force-close at scale, memory per borrow, raw shutdown side by side.
 
-Twenty keepers closing together against the longest of them alone; force-closing a thousand
-borrowed connections; what a borrow costs in memory; and the raw libraries' own shutdown next
-to poolkeeper's, on the same work in flight.
+Twenty keepers closing together against the longest of them alone; force-closing thousands of
+borrowed connections (five hundred PostgreSQL ones, with room made for them: _max_connections);
+what a borrow costs in memory; and the raw libraries' own shutdown next to poolkeeper's, on the
+same work in flight.
 
 Everything runs against the real servers: PostgreSQL, Redis (database 9, only keys nobody
 creates), and an aiohttp.web server in this process. Every client is tagged with a name unique
@@ -33,6 +34,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 import poolkeeper
+from benchmarks._max_connections import max_connections_at_least
 from benchmarks._measure import (
     MEMORY,
     SCALE,
@@ -61,10 +63,13 @@ CONCURRENCY_GOAL = 1.25
 CONCURRENCY_ROUNDS = 3
 
 # Force-closing many borrowed connections at once.
-REDIS_FORCED = 1000
-HTTP_FORCED = 1000
-PG_FORCED = 200
+REDIS_FORCED = 5000
+HTTP_FORCED = 5000
+PG_FORCED = 500
 PG_HEADROOM = 25  # connections left free for everything else on the server (other test runs)
+# Asked of max_connections (raised for the measurement where it can be, see _max_connections):
+# the borrowers, the headroom, and the clients already there.
+PG_ROOM = PG_FORCED + PG_HEADROOM + 75
 FORCE_GOAL_MS = 250.0
 FORCE_ROUNDS = 3
 
@@ -602,8 +607,50 @@ async def force_pg(side: Postgres, count: int) -> tuple[float, float, int, int, 
     return elapsed, failures.last_ms(), report.items[0].forced, leftovers, clear_ms
 
 
-def force_result(name: str, runs: Sequence[Sequence[float]], extra: str) -> Result:
-    """The figure of a force-close at scale from its runs: (seconds, last error ms, forced, leftovers)."""
+async def force_sqlalchemy(side: Postgres, count: int) -> tuple[float, float, int, int, float]:
+    """As :func:`force_pg`, through a SQLAlchemy engine on psycopg: ``count`` threads in ``pg_sleep``, ``close()``."""
+    name = unique_name("sa-forced")
+    engine = sa.create_engine(sa_url(name), pool_size=count, max_overflow=0)
+    registry = Registry(drain_timeout=0.0)
+    registry.wrap(engine, name="db")
+    failed_at: list[float] = []
+
+    def borrow() -> None:
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql(f"select pg_sleep({STUCK_SECONDS * 2})")
+        except Exception:  # noqa: BLE001 -- every borrower is expected to fail: when is the measure
+            failed_at.append(time.perf_counter())
+
+    borrowers = [in_thread(borrow) for _ in range(count)]
+
+    async def all_running() -> bool:
+        return (await side.backends(name))[1] == count
+
+    if not await settle(all_running, 60.0):
+        raise RuntimeError(f"not every query reached the server: {await side.backends(name)}")
+    started = time.perf_counter()
+    report = await in_thread(registry.close)  # close() as a sync service calls it, from its own thread
+    elapsed = time.perf_counter() - started
+    await asyncio.wait(borrowers, timeout=5)
+
+    async def gone() -> bool:
+        return (await side.backends(name))[0] == 0
+
+    await settle(gone, 5.0)
+    clear_ms = (time.perf_counter() - started) * 1e3
+    leftovers = (await side.backends(name))[0]
+    await side.terminate(name)
+    engine.dispose()
+    last_ms = (max(failed_at) - started) * 1e3 if failed_at else float("nan")
+    return elapsed, last_ms, report.items[0].forced, leftovers, clear_ms
+
+
+def force_result(name: str, runs: Sequence[Sequence[float]], extra: str, call: str = "aclose()") -> Result:
+    """The figure of a force-close at scale from its runs: (seconds, last error ms, forced, leftovers).
+
+    ``call`` is what was timed, ``drain_timeout=0`` given: ``aclose()``, or a sync service's ``close()``.
+    """
     seconds = [run[0] for run in runs]
     last_error_ms = [run[1] for run in runs]
     forced = [int(run[2]) for run in runs]
@@ -617,16 +664,16 @@ def force_result(name: str, runs: Sequence[Sequence[float]], extra: str) -> Resu
         goal=f"< {FORCE_GOAL_MS:g} ms",
         met=median_ms < FORCE_GOAL_MS,
         detail=(
-            f"aclose() with drain_timeout=0, {spread(seconds, 'ms', 1e3)}; last borrower got its error "
-            f"{statistics.median(last_error_ms):.0f} ms after aclose() began; "
+            f"{call} with drain_timeout=0, {spread(seconds, 'ms', 1e3)}; last borrower got its error "
+            f"{statistics.median(last_error_ms):.0f} ms after {call} began; "
             f"forced {'-'.join(str(n) for n in sorted({min(forced), max(forced)}))} per run; "
             f"left on the server: {max(leftovers)}{extra}"
         ),
     )
 
 
-async def force_close_at_scale(server: HttpServer, pg: Postgres, side: RedisSide) -> list[Result]:
-    """Force-close REDIS_FORCED Redis, HTTP_FORCED HTTP and up to PG_FORCED PostgreSQL borrows."""
+async def force_close_at_scale(server: HttpServer, side: RedisSide) -> list[Result]:
+    """Force-close REDIS_FORCED Redis and HTTP_FORCED HTTP borrows."""
     results = []
     runs = [await force_redis(side) for _ in range(FORCE_ROUNDS)]
     results.append(
@@ -644,33 +691,56 @@ async def force_close_at_scale(server: HttpServer, pg: Postgres, side: RedisSide
             " open server connections (the server runs in this process, on the same event loop)",
         )
     )
+    return results
+
+
+async def force_postgres_at_scale() -> list[Result]:
+    """Force-close up to PG_FORCED borrowed PostgreSQL connections, through asyncpg and through SQLAlchemy.
+
+    ``max_connections`` is raised for the measurement where this process can restart the server
+    (see :mod:`benchmarks._max_connections`); elsewhere the count is scaled down to what fits.
+    """
+    with max_connections_at_least(PG_URL, PG_ROOM) as room:
+        pg = await Postgres.connect()  # after the restart, if there was one
+        try:
+            return await _force_postgres(pg, room)
+        finally:
+            await pg.close()
+
+
+async def _force_postgres(pg: Postgres, room: str) -> list[Result]:
     count, why = await pg_capacity(pg)
+    why = f"{why}; {room}"
     if count < 10:  # fewer than ten says nothing about scale
-        results.append(
+        return [
             Result(
                 section=SCALE,
-                name=f"force-close {PG_FORCED} borrowed asyncpg connections",
+                name=f"force-close {PG_FORCED} borrowed {library} connections",
                 unit="ms",
                 wrapped=float("nan"),
                 detail=f"not run: {why}",
             )
+            for library in ("asyncpg", "SQLAlchemy + psycopg")
+        ]
+    results = []
+    measures = (("asyncpg", force_pg, "aclose()"), ("SQLAlchemy + psycopg", force_sqlalchemy, "close()"))
+    for library, force, call in measures:
+        runs = [await force(pg, count) for _ in range(FORCE_ROUNDS)]
+        scaled = trend = ""
+        if count < PG_FORCED:
+            scaled = f" (scaled down from {PG_FORCED})"
+            half = count // 2
+            half_runs = [await force(pg, half) for _ in range(FORCE_ROUNDS)]
+            trend = f"; with {half} connections: {statistics.median(run[0] for run in half_runs) * 1e3:.0f} ms"
+        results.append(
+            force_result(
+                f"force-close {count} borrowed {library} connections{scaled} (each running pg_sleep)",
+                runs,
+                f" backends in pg_stat_activity, the last gone {statistics.median(run[4] for run in runs):.0f} ms"
+                f" after {call} began (statements cancelled, then connections closed); {why}{trend}",
+                call,
+            )
         )
-        return results
-    pg_runs = [await force_pg(pg, count) for _ in range(FORCE_ROUNDS)]
-    scaled = trend = ""
-    if count < PG_FORCED:
-        scaled = f" (scaled down from {PG_FORCED})"
-        half = count // 2
-        half_runs = [await force_pg(pg, half) for _ in range(FORCE_ROUNDS)]
-        trend = f"; with {half} connections: {statistics.median(run[0] for run in half_runs) * 1e3:.0f} ms"
-    results.append(
-        force_result(
-            f"force-close {count} borrowed asyncpg connections{scaled} (each running pg_sleep)",
-            pg_runs,
-            f" backends in pg_stat_activity, the last gone {statistics.median(run[4] for run in pg_runs):.0f} ms"
-            f" after aclose() began (statements cancelled, then connections terminated); {why}{trend}",
-        )
-    )
     return results
 
 
@@ -1150,17 +1220,20 @@ class SideBySide:
 
 async def run_all() -> list[Row]:
     rows: list[Row] = []
-    pg = await Postgres.connect()
     side = RedisSide()
     try:
         async with http_server() as server:
             rows.append(await twenty_keepers(server))
-            rows.extend(await force_close_at_scale(server, pg, side))
-            rows.extend(await memory_per_borrow(server))
-            rows.extend(await SideBySide(server, pg, side).run())
+            rows.extend(await force_close_at_scale(server, side))
+            rows.extend(await force_postgres_at_scale())  # may restart PostgreSQL: before any side connection
+            pg = await Postgres.connect()
+            try:
+                rows.extend(await memory_per_borrow(server))
+                rows.extend(await SideBySide(server, pg, side).run())
+            finally:
+                await pg.close()
     finally:
         await side.close()
-        await pg.close()
     return rows
 
 
