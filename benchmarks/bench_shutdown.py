@@ -582,29 +582,11 @@ async def force_pg(side: Postgres, count: int) -> tuple[float, float, int, int, 
     registry = Registry(drain_timeout=0.0)
     registry.wrap(pool, name="pg")
     failures = Failures()
-    tasks = [
+    borrowers = [
         asyncio.ensure_future(failures.watch(pool.fetchval(f"select pg_sleep({STUCK_SECONDS * 2})")))
         for _ in range(count)
     ]
-
-    async def all_running() -> bool:
-        return (await side.backends(name))[1] == count
-
-    if not await settle(all_running, 60.0):
-        raise RuntimeError(f"not every query reached the server: {await side.backends(name)}")
-    failures.started = started = time.perf_counter()
-    report = await registry.aclose()
-    elapsed = time.perf_counter() - started
-    await asyncio.wait(tasks, timeout=5)
-
-    async def gone() -> bool:
-        return (await side.backends(name))[0] == 0
-
-    await settle(gone, 5.0)
-    clear_ms = (time.perf_counter() - started) * 1e3
-    leftovers = (await side.backends(name))[0]
-    await side.terminate(name)
-    return elapsed, failures.last_ms(), report.items[0].forced, leftovers, clear_ms
+    return await _timed_pg_force(side, name, count, borrowers=borrowers, failures=failures, close=registry.aclose)
 
 
 async def force_sqlalchemy(side: Postgres, count: int) -> tuple[float, float, int, int, float]:
@@ -613,24 +595,40 @@ async def force_sqlalchemy(side: Postgres, count: int) -> tuple[float, float, in
     engine = sa.create_engine(sa_url(name), pool_size=count, max_overflow=0)
     registry = Registry(drain_timeout=0.0)
     registry.wrap(engine, name="db")
-    failed_at: list[float] = []
+    failures = Failures()
 
     def borrow() -> None:
-        try:
-            with engine.connect() as connection:
-                connection.exec_driver_sql(f"select pg_sleep({STUCK_SECONDS * 2})")
-        except Exception:  # noqa: BLE001 -- every borrower is expected to fail: when is the measure
-            failed_at.append(time.perf_counter())
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f"select pg_sleep({STUCK_SECONDS * 2})")
 
-    borrowers = [in_thread(borrow) for _ in range(count)]
+    borrowers = [asyncio.ensure_future(failures.watch(in_thread(borrow))) for _ in range(count)]
+    try:
+        # close() as a sync service calls it, from its own thread.
+        return await _timed_pg_force(
+            side, name, count, borrowers=borrowers, failures=failures, close=lambda: in_thread(registry.close)
+        )
+    finally:
+        engine.dispose()
+
+
+async def _timed_pg_force(
+    side: Postgres,
+    name: str,
+    count: int,
+    *,
+    borrowers: Sequence[asyncio.Future[None]],
+    failures: Failures,
+    close: Callable[[], Awaitable[poolkeeper.ShutdownReport]],
+) -> tuple[float, float, int, int, float]:
+    """Once the ``count`` statements of ``name`` all run on the server, time ``close()`` and what it left there."""
 
     async def all_running() -> bool:
         return (await side.backends(name))[1] == count
 
     if not await settle(all_running, 60.0):
         raise RuntimeError(f"not every query reached the server: {await side.backends(name)}")
-    started = time.perf_counter()
-    report = await in_thread(registry.close)  # close() as a sync service calls it, from its own thread
+    failures.started = started = time.perf_counter()
+    report = await close()
     elapsed = time.perf_counter() - started
     await asyncio.wait(borrowers, timeout=5)
 
@@ -641,9 +639,7 @@ async def force_sqlalchemy(side: Postgres, count: int) -> tuple[float, float, in
     clear_ms = (time.perf_counter() - started) * 1e3
     leftovers = (await side.backends(name))[0]
     await side.terminate(name)
-    engine.dispose()
-    last_ms = (max(failed_at) - started) * 1e3 if failed_at else float("nan")
-    return elapsed, last_ms, report.items[0].forced, leftovers, clear_ms
+    return elapsed, failures.last_ms(), report.items[0].forced, leftovers, clear_ms
 
 
 def force_result(name: str, runs: Sequence[Sequence[float]], extra: str, call: str = "aclose()") -> Result:
