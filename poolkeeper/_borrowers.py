@@ -3,11 +3,15 @@
 With tracking off a borrow costs one small tuple and a clock read; with tracking on it also
 records where it was borrowed (HikariCP's leak detection does the same), cheaply enough to leave
 on in production: the checkout walks past the library's frames to the borrowing line and keeps
-the code object and instruction offset of that frame and of at most ``_CALLERS`` user frames
-above it, in one flat tuple; a deep stack costs no more than a shallow one. Whether a module is
-plumbing is decided once per module, and file names, line numbers and thread and task names are
-worked out only when a borrow is looked at (a leak warning, a report, ``Keeper.borrowers()``),
-which is rare. Nothing is sampled: every tracked borrow knows its exact borrow site.
+that frame's code object and instruction offset, nothing more. Its callers are read when the
+borrow is looked at (a leak warning, a report, ``Keeper.borrowers()``), which is rare, from the
+borrower's own stack (its thread's, or its asyncio task's) while the borrowing function is still
+running there: the stuck request of a shutdown, the handler holding a connection past a leak
+threshold. A borrower that moved on shows its borrowing line alone. The pytest plugin records
+the callers at checkout as well (:func:`record_callers`): in a test suite, which test leaked
+matters more than the cost of a checkout. Whether a module is plumbing is decided once per
+module, and file names, line numbers and thread and task names are worked out only when a borrow
+is looked at. Nothing is sampled: every tracked borrow knows its exact borrow site.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "add_library_modules",
     "capture_stack",
     "collected",
+    "record_callers",
     "tracked_entry",
 ]
 
@@ -107,13 +112,34 @@ class Frame:
 _plumbing_modules: dict[str, bool] = {}
 _MAX_MODULES = 20_000
 
-# How much of the stack a tracked checkout records: the borrow site (the innermost frame outside
+# How much of the stack a borrow-site stack shows: the borrow site (the innermost frame outside
 # the libraries, however many library frames lie below it) and at most _CALLERS user frames above
 # it, looked for among at most _LOOKS frames above it. A checkout made 200 frames deep (a
 # recursion, a deep ASGI or pytest stack) costs no more than a shallow one, and a tracked borrow
 # keeps at most 1 + _CALLERS code objects and offsets.
 _CALLERS = 3
 _LOOKS = 12
+_SITE_LENGTH = 2  # one frame's code object and offset
+
+# How many callers a tracked checkout records itself: none (they are read from the borrower's
+# live stack when the borrow is looked at), or _CALLERS while record_callers(on=True) is in force.
+_callers_at_checkout = 0
+
+
+def record_callers(*, on: bool) -> bool:
+    """Whether tracked checkouts record their callers too, not only the borrowing line; returns the old setting.
+
+    Off by default: a tracked checkout keeps its borrow site alone, and the callers above it are
+    read from the borrower's stack when the borrow is looked at, if the borrowing function is
+    still running. On, every tracked checkout walks its callers (about 1 µs more), so that a
+    borrow whose borrower moved on still shows them: the pytest plugin turns it on for the
+    session, where the test that leaked matters more than the checkout's cost.
+    """
+    global _callers_at_checkout  # noqa: PLW0603 -- one setting for the process, read per tracked checkout
+    was = bool(_callers_at_checkout)
+    _callers_at_checkout = _CALLERS if on else 0
+    return was
+
 
 # Bound once: each is read on every tracked checkout.
 _getframe = sys._getframe  # noqa: SLF001 -- the cheap way to walk the stack at checkout
@@ -177,35 +203,37 @@ def _resume(current: Any) -> tuple[Any, Any]:
     return current, current.gr_frame
 
 
-def _capture(frame: Any) -> tuple[Any, ...]:  # noqa: C901 -- both walks inline: a call per checkout costs more
-    """The borrow site from ``frame`` up and its callers, as a flat ``(code, offset, code, offset...)``.
+def _capture(frame: Any, callers: int) -> tuple[Any, ...]:  # noqa: C901, PLR0912 -- both walks inline: a call per checkout costs more
+    """The borrow site from ``frame`` up and at most ``callers`` callers, as a flat ``(code, offset, code, offset...)``.
 
     Innermost first; empty when every frame is library code. This runs on every tracked
     checkout, so it does the least it can: per frame, one dict read (is this module plumbing?);
     per user frame kept, its code object and instruction offset. Lines come later
-    (:func:`_frames`). The loops lean on exceptions for the rare cases (a module seen for the
-    first time, the end of a greenlet's stack), which cost nothing when nothing is raised.
+    (:func:`_frames`). A module seen for the first time is learnt through an exception, which
+    costs nothing when nothing is raised; the end of a greenlet's stack, which SQLAlchemy's
+    asyncio checkouts reach every time, is tested for.
     """
     modules = _plumbing_modules
     greenlet: Any = None
     # The borrow site: the first frame outside the libraries, however deep they go.
     while True:
-        try:
-            while modules[frame.f_globals["__name__"]]:
-                frame = frame.f_back
-            break
-        except KeyError:
-            if not _learn(frame):
-                break
+        while frame is not None:
+            try:
+                if not modules[frame.f_globals["__name__"]]:
+                    break
+            except KeyError:
+                if not _learn(frame):
+                    break
             frame = frame.f_back
-        except AttributeError:  # frame is None: this greenlet's stack ended
-            greenlet, frame = _resume(greenlet)
-            if greenlet is None:
-                return ()
-    code = frame.f_code
-    site = [code, frame.f_lasti]
+        if frame is not None:
+            break
+        greenlet, frame = _resume(greenlet)  # this greenlet's stack ended: on in its parent's
+        if greenlet is None:
+            return ()
+    if not callers:
+        return (frame.f_code, frame.f_lasti)
+    site = [frame.f_code, frame.f_lasti]
     # Its callers, within the bounds.
-    callers = _CALLERS
     looks = _LOOKS
     while looks:
         frame = frame.f_back
@@ -245,9 +273,85 @@ def _frames(raw: tuple[Any, ...]) -> tuple[Frame, ...]:
     return tuple(frames)
 
 
+def _plumbing(frame: Any) -> bool:
+    try:
+        return _plumbing_modules[frame.f_globals["__name__"]]
+    except KeyError:
+        return _learn(frame)
+
+
+def _awaiting_frames(task: asyncio.Task[Any]) -> list[Any]:
+    """The frames of a suspended task, innermost first: its coroutine and what each one awaits."""
+    frames: list[Any] = []
+    awaitable: Any = task.get_coro()
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:  # finished, or an awaitable without frames (a future): the chain ends
+            break
+        frames.append(frame)
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+    frames.reverse()
+    return frames
+
+
+def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> list[Any]:
+    """The borrower's frames now, innermost first: its task's, or its thread's stack."""
+    if task is not None:
+        loop = _running_loop()
+        if loop is None or _current_task(loop) is not task:
+            return _awaiting_frames(task)
+        # The task is looking at its own borrow: its frames are this thread's stack.
+    frames: list[Any] = []
+    greenlet: Any = None
+    frame: Any
+    if thread.ident == _get_ident():
+        frame = _getframe()
+    elif thread.ident is not None and _threads.get(thread.ident) is thread:  # alive: an ended one's ident is reused
+        frame = sys._current_frames().get(thread.ident)  # noqa: SLF001 -- the one way to another thread's stack
+    else:
+        return frames
+    while True:
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        if thread.ident != _get_ident():
+            return frames
+        greenlet, frame = _resume(greenlet)  # SQLAlchemy's asyncio layer: the caller goes on above
+        if greenlet is None:
+            return frames
+
+
+def _live_callers(code: CodeType, thread: threading.Thread, task: asyncio.Task[Any] | None) -> tuple[Any, ...]:
+    """The callers above the borrow site in ``code``, read from the borrower's stack if still there.
+
+    ``(code, offset, ...)`` as :func:`_capture` records them; empty when the borrowing function
+    is no longer running (the borrower moved on, or ended).
+    """
+    frames = _live_frames(thread, task)
+    # The innermost run of the borrowing function.
+    index = next((index for index, frame in enumerate(frames) if frame.f_code is code), None)
+    if index is None:
+        return ()
+    callers: list[Any] = []
+    for frame in frames[index + 1 : index + 1 + _LOOKS]:
+        if not _plumbing(frame):
+            callers += (frame.f_code, frame.f_lasti)
+            if len(callers) == 2 * _CALLERS:
+                break
+    return tuple(callers)
+
+
+def _stack(entry: Entry) -> tuple[Frame, ...]:
+    """The borrow-site stack of a tracked entry: what the checkout recorded, with the callers read now if it did not."""
+    raw = entry[2]
+    if len(raw) == _SITE_LENGTH:  # the borrow site alone: its callers, if the borrowing function still runs
+        raw += _live_callers(raw[0], entry[3], entry[4])
+    return _frames(raw)
+
+
 def capture_stack(skip: int = 2) -> tuple[Frame, ...]:
     """The borrow site seen from the caller's stack and its callers, outermost first, innermost last."""
-    return _frames(_capture(_getframe(skip)))
+    return _frames(_capture(_getframe(skip), _CALLERS))
 
 
 # What a keeper stores per borrowed connection: a plain tuple, the cheapest thing Python makes,
@@ -264,13 +368,25 @@ def tracked_entry(holder: Any) -> Entry:
     """The entry of a tracked borrow: who borrowed, and where.
 
     Called by :meth:`Keeper.lend`, itself called by an adapter's checkout hook: the walk starts
-    at whatever called the hook (frame 3 from here).
+    at whatever called the hook (frame 3 from here). The usual walk, to the borrowing line past
+    modules already judged, runs here inline (a call costs as much as the walk);
+    :func:`_capture` takes the rest: callers to record, a new module, a greenlet's end.
     """
+    frame: Any = _getframe(3)
+    try:
+        while _plumbing_modules[frame.f_globals["__name__"]]:
+            frame = frame.f_back
+            if frame is None:  # the end of a greenlet's stack: _capture goes on in its parent's
+                break
+        done = frame is not None and not _callers_at_checkout
+    except KeyError:  # a module not judged yet: _capture judges it
+        done = False
+    site = (frame.f_code, frame.f_lasti) if done else _capture(frame, _callers_at_checkout)
     loop = _running_loop()
     return (
         _monotonic(),
         holder,
-        _capture(_getframe(3)),
+        site,
         _threads.get(_get_ident()) or threading.current_thread(),
         None if loop is None else _current_task(loop),
     )
@@ -322,7 +438,7 @@ class Borrow:
             held_seconds=held,
             thread=entry[3].name if tracked else None,
             task=entry[4].get_name() if tracked and entry[4] is not None else None,
-            stack=_frames(entry[2]) if tracked else None,
+            stack=_stack(entry) if tracked else None,
             returned_by_gc=returned_by_gc,
             forced_by=forced_by,
             detail=detail,
@@ -339,8 +455,10 @@ class Borrower:
         held_seconds: how long the connection had been out when this view was taken.
         thread: name of the borrowing thread (tracked keepers only).
         task: name of the borrowing asyncio task, if any (tracked keepers only).
-        stack: the borrow-site stack without library frames, innermost last (the borrowing
-            line and at most 3 callers), or ``None`` when borrower tracking is off.
+        stack: the borrow-site stack without library frames, innermost last: the borrowing
+            line, and at most 3 callers when they are known (the borrowing function was still
+            running when this view was taken, or :func:`record_callers` was on at checkout);
+            ``None`` when borrower tracking is off.
         returned_by_gc: the connection came back only because the garbage collector
             collected it; its borrower never returned it.
         forced_by: in a shutdown report, what forced this connection closed (``"budget"``: the

@@ -246,7 +246,8 @@ class Registry:
             drain_timeout: seconds to wait for borrowed connections (default: the registry's).
             close_timeout: seconds to force-close and close connections (default: the registry's).
             depends_on: names of items this one uses; they close after it.
-            track_borrowers: record borrow-site stacks (default: the registry's).
+            track_borrowers: record who borrows each connection and the line that did (default:
+                the registry's); see docs/lifecycle.md, "Leak detection in production".
             leak_threshold: warn, with the borrow site, about a connection held longer than this.
 
         Returns:

@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import pytest
 
+from poolkeeper._borrowers import record_callers
 from poolkeeper._redact import redact
 from poolkeeper._registry import Registry, get_registry
 
@@ -309,14 +310,20 @@ class _LeakChecker:
         # Teardowns of longer-lived fixtures set up so far; each is judged (and dropped) once run.
         self._teardowns: list[_FixtureTeardown] = []
         self._default_tracking: bool | None = None
+        self._recorded_callers: bool | None = None
         if mode != "off":
-            # Keepers wrapped from now on record their borrow sites, so a leak names its line.
+            # Keepers wrapped from now on record their borrow sites, so a leak names its line,
+            # and tracked checkouts record their callers too: a leak is looked at after its
+            # borrower moved on, when its stack no longer shows who called the borrowing line.
             self._default_tracking = get_registry().track_borrowers
             get_registry().track_borrowers = True
+            self._recorded_callers = record_callers(on=True)
 
     def pytest_unconfigure(self) -> None:
         if self._default_tracking is not None:
             get_registry().track_borrowers = self._default_tracking
+        if self._recorded_callers is not None:
+            record_callers(on=self._recorded_callers)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:

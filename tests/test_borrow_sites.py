@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytest
+import redis.asyncio
 import sqlalchemy as sa
 
 import poolkeeper
 from poolkeeper import Registry
+from poolkeeper._borrowers import record_callers
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def callers_at_checkout(*, on: bool) -> Iterator[None]:
+    was = record_callers(on=on)
+    try:
+        yield
+    finally:
+        record_callers(on=was)
+
+
+@pytest.fixture
+def callers_recorded() -> Iterator[None]:
+    """Tracked checkouts record their callers too, as under the pytest plugin, whatever plugins run."""
+    with callers_at_checkout(on=True):
+        yield
 
 
 def borrow_and_move_on(engine: sa.Engine) -> tuple[Any, int]:
@@ -23,18 +48,27 @@ def borrow_and_move_on(engine: sa.Engine) -> tuple[Any, int]:
     return connection, line
 
 
-def test_a_borrow_site_names_the_checkout_line_after_the_borrower_moved_on():
-    """The recorded site is the line that checked out, not where the borrowing function went next."""
+@pytest.mark.parametrize(
+    ("recorded", "functions"),
+    [
+        (True, ["test_a_borrow_site_names_the_checkout_line_after_the_borrower_moved_on", "borrow_and_move_on"]),
+        (False, ["borrow_and_move_on"]),
+    ],
+    ids=["callers-recorded", "callers-read-later"],
+)
+def test_a_borrow_site_names_the_checkout_line_after_the_borrower_moved_on(recorded, functions):
+    """The recorded site is the line that checked out, not where the borrowing function went next.
+
+    Its callers are gone from every stack by the time it is looked at: they are shown only if the
+    checkout recorded them (record_callers, the pytest plugin's setting).
+    """
     registry = Registry(track_borrowers=True)
     engine = registry.wrap(sa.create_engine("sqlite://"), name="db")
-    connection, line = borrow_and_move_on(engine)
+    with callers_at_checkout(on=recorded):
+        connection, line = borrow_and_move_on(engine)
     (borrower,) = registry["db"].borrowers()
     assert borrower.site == f"{__file__}:{line}"
-    assert borrower.stack is not None
-    assert [frame.function for frame in borrower.stack[-2:]] == [
-        "test_a_borrow_site_names_the_checkout_line_after_the_borrower_moved_on",
-        "borrow_and_move_on",
-    ]
+    assert [frame.function for frame in borrower.stack or ()][-2:] == functions
     connection.close()
     registry.close()
 
@@ -58,6 +92,7 @@ def borrow_at_depth(engine: sa.Engine, depth: int) -> tuple[Any, int]:
     return connection, sys._getframe().f_lineno - 1
 
 
+@pytest.mark.usefixtures("callers_recorded")
 def test_a_borrow_made_200_frames_deep_keeps_its_line_and_only_a_few_callers():
     """However deep the stack, a tracked borrow names the checkout line and keeps four frames in all."""
     registry = Registry(track_borrowers=True)
@@ -72,6 +107,7 @@ def test_a_borrow_made_200_frames_deep_keeps_its_line_and_only_a_few_callers():
     registry.close()
 
 
+@pytest.mark.usefixtures("callers_recorded")
 def test_a_tracked_borrow_made_deep_in_the_stack_costs_under_half_a_kibibyte(tmp_path):
     """A tracked borrow held costs poolkeeper under 512 bytes, whatever the depth it was made at."""
     borrows = 300
@@ -99,3 +135,132 @@ def test_a_tracked_borrow_made_deep_in_the_stack_costs_under_half_a_kibibyte(tmp
     for connection in held:
         connection.close()
     registry.close()
+
+
+# -- callers read when the borrow is looked at (record_callers off: a production process) --------
+
+
+@pytest.fixture
+def callers_read_later() -> Iterator[None]:
+    """Tracked checkouts record their borrowing line alone, as outside pytest (the plugin turns it on)."""
+    with callers_at_checkout(on=False):
+        yield
+
+
+def hold_in_thread(engine: sa.Engine, held: threading.Event, release: threading.Event, lines: list[int]) -> None:
+    """Check out, say so, and keep the connection until told to give it back."""
+    with engine.connect():
+        lines.append(sys._getframe().f_lineno - 1)
+        held.set()
+        release.wait(timeout=30)
+
+
+def thread_target(engine: sa.Engine, held: threading.Event, release: threading.Event, lines: list[int]) -> None:
+    hold_in_thread(engine, held, release, lines)
+
+
+@pytest.mark.usefixtures("callers_read_later")
+def test_a_thread_still_holding_shows_its_callers_read_from_its_stack():
+    """Looked at from another thread while the borrower is inside the borrowing function: the callers are there."""
+    registry = Registry(track_borrowers=True)
+    engine = registry.wrap(sa.create_engine("sqlite://"), name="db")
+    held, release = threading.Event(), threading.Event()
+    lines: list[int] = []
+    borrower_thread = threading.Thread(
+        target=thread_target, args=(engine, held, release, lines), name="holder", daemon=True
+    )
+    borrower_thread.start()
+    try:
+        assert held.wait(timeout=30)
+        (borrower,) = registry["db"].borrowers()
+    finally:
+        release.set()
+        borrower_thread.join(timeout=30)
+    assert borrower.thread == "holder"
+    assert borrower.site == f"{__file__}:{lines[0]}"  # the checkout line, not the line waiting now
+    assert [frame.function for frame in borrower.stack or ()] == ["thread_target", "hold_in_thread"]
+    registry.close()
+
+
+@pytest.mark.usefixtures("callers_read_later")
+def test_a_borrower_looking_at_its_own_borrow_sees_its_callers():
+    """The borrowing thread's own stack, from inside the borrowing function, gives the callers."""
+    registry = Registry(track_borrowers=True)
+    engine = registry.wrap(sa.create_engine("sqlite://"), name="db")
+
+    def look_while_holding() -> tuple[Any, int]:
+        with engine.connect():
+            line = sys._getframe().f_lineno - 1
+            (borrower,) = registry["db"].borrowers()
+        return borrower, line
+
+    borrower, line = look_while_holding()
+    assert borrower.site == f"{__file__}:{line}"
+    assert [frame.function for frame in borrower.stack or ()][-2:] == [
+        "test_a_borrower_looking_at_its_own_borrow_sees_its_callers",
+        "look_while_holding",
+    ]
+    registry.close()
+
+
+@pytest.mark.usefixtures("callers_read_later")
+def test_a_borrow_held_200_frames_deep_shows_its_line_and_three_callers():
+    """However deep the borrower's stack, the view keeps the borrowing line and three callers."""
+    registry = Registry(track_borrowers=True)
+    engine = registry.wrap(sa.create_engine("sqlite://"), name="db")
+    seen: list[Any] = []
+
+    def look(depth: int) -> None:
+        if depth > 0:
+            look(depth - 1)
+            return
+        with engine.connect():
+            seen.append(sys._getframe().f_lineno - 1)
+            seen.extend(registry["db"].borrowers())
+
+    look(200)
+    line, borrower = seen
+    assert borrower.site == f"{__file__}:{line}"
+    assert [frame.function for frame in borrower.stack] == ["look"] * 4
+    registry.close()
+
+
+# redis-py before 5.3 requires a command name, which later releases deprecate.
+CHECKOUT_ARGS = () if tuple(int(part) for part in redis.__version__.split(".")[:2]) >= (5, 3) else ("PING",)
+
+
+async def hold_in_task(pool: Any, held: asyncio.Event, release: asyncio.Event, lines: list[int]) -> None:
+    """Check out of a redis.asyncio pool, say so, and keep the connection until told to give it back."""
+    connection = await pool.get_connection(*CHECKOUT_ARGS)
+    lines.append(sys._getframe().f_lineno - 1)
+    try:
+        held.set()
+        await release.wait()
+    finally:
+        await pool.release(connection)
+
+
+async def task_body(pool: Any, held: asyncio.Event, release: asyncio.Event, lines: list[int]) -> None:
+    await hold_in_task(pool, held, release, lines)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("callers_read_later")
+async def test_a_task_still_holding_shows_its_callers_read_from_its_awaits(redis_url):
+    """A suspended task's borrow shows the coroutines that led to the borrowing line, outermost first."""
+    registry = Registry(track_borrowers=True)
+    client = registry.wrap(redis.asyncio.Redis.from_url(redis_url), name="cache")
+    held, release = asyncio.Event(), asyncio.Event()
+    lines: list[int] = []
+    task = asyncio.create_task(task_body(client.connection_pool, held, release, lines), name="holder-task")
+    try:
+        await asyncio.wait_for(held.wait(), timeout=30)
+        (borrower,) = registry["cache"].borrowers()
+    finally:
+        release.set()
+        await task
+    assert borrower.task == "holder-task"
+    assert borrower.site == f"{__file__}:{lines[0]}"
+    assert [frame.function for frame in borrower.stack or ()] == ["task_body", "hold_in_task"]
+    await registry.aclose()
+    await client.aclose()

@@ -6,12 +6,28 @@ import asyncio
 import logging
 import sys
 import threading
+from typing import TYPE_CHECKING
 
+import pytest
 import redis
 import redis.asyncio
 import sqlalchemy as sa
 
 from poolkeeper import Registry
+from poolkeeper._borrowers import record_callers
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["callers-recorded", "callers-read-later"])
+def callers_at_checkout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test both ways a tracked checkout runs: under the pytest plugin, and in production."""
+    was = record_callers(on=request.param)
+    try:
+        yield
+    finally:
+        record_callers(on=was)
 
 
 class WarningSeen(logging.Handler):
