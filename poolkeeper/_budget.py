@@ -257,26 +257,27 @@ class Budget:
         self._force_exit()
 
     def _force(self) -> None:
-        held = [
-            dataclasses.replace(borrower, forced_by="budget")
-            for keeper in self.registry.keepers
-            for borrower in keeper.borrowers()
-        ]
-        logger.warning(
-            "poolkeeper: grace budget: force point %.3gs after the first signal (grace period %.3gs - close_timeout "
-            "%.3gs - margin %.3gs): force-closing %d borrowed connection%s: %s",
-            self.plan.force_at,
-            self.plan.grace_period,
-            self.plan.close_timeout,
-            self.plan.margin,
-            len(held),
-            "" if len(held) == 1 else "s",
-            "; ".join(_describe(borrower) for borrower in held) or "none",
-            extra={
-                "poolkeeper_event": "budget-force",
-                "poolkeeper_budget_forced": [borrower.to_dict() for borrower in held],
-            },
-        )
+        if logger.isEnabledFor(logging.WARNING):  # naming thousands of borrowers is not free
+            held = [
+                dataclasses.replace(borrower, forced_by="budget")
+                for keeper in self.registry.keepers
+                for borrower in keeper.borrowers()
+            ]
+            logger.warning(
+                "poolkeeper: grace budget: force point %.3gs after the first signal (grace period %.3gs - "
+                "close_timeout %.3gs - margin %.3gs): force-closing %d borrowed connection%s: %s",
+                self.plan.force_at,
+                self.plan.grace_period,
+                self.plan.close_timeout,
+                self.plan.margin,
+                len(held),
+                "" if len(held) == 1 else "s",
+                "; ".join(_describe(borrower) for borrower in held) or "none",
+                extra={
+                    "poolkeeper_event": "budget-force",
+                    "poolkeeper_budget_forced": [borrower.to_dict() for borrower in held],
+                },
+            )
         for keeper in self.registry.keepers:
             keeper.request_force("budget")  # a drain running now, or starting later, ends at once
         loop = self._loop_of_registry() if self._loop_of_registry is not None else None

@@ -523,12 +523,9 @@ class Registry:
             # finished, so every other caller gets the report while the cancellation propagates.
             # Logged before any caller gets it: a caller may end the process at once (run() after
             # a second signal, whose force-close runs this in a daemon thread that the exit kills).
-            logger.log(
-                logging.INFO if report.ok else logging.WARNING,
-                "%s",
-                report,
-                extra={"poolkeeper_report": report.to_dict()},
-            )
+            level = logging.INFO if report.ok else logging.WARNING
+            if logger.isEnabledFor(level):  # to_dict() of thousands of forced borrowers is not free
+                logger.log(level, "%s", report, extra={"poolkeeper_report": report.to_dict()})
             shutdown.finish(report)
 
         try:
