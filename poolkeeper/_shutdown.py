@@ -19,6 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from poolkeeper._concurrency import run_blocking
 from poolkeeper._hooks import Hook, HookEscapeError
 from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._redact import redact
@@ -181,6 +182,67 @@ async def _step(
     return None
 
 
+def _blocking_close(keeper: Keeper, errors: list[str]) -> Callable[[], None] | None:
+    """The driver's :meth:`~poolkeeper.adapters.Driver.blocking_close`; a failure is reported and means none."""
+    try:
+        return keeper.driver.blocking_close()
+    except Exception as error:
+        logger.warning(
+            "poolkeeper %r: blocking_close() failed",
+            keeper.name,
+            exc_info=True,
+            extra={"poolkeeper_keeper": keeper.name},
+        )
+        errors.append("close: " + _error_text(error, _driver_secrets(keeper)))
+        return None
+
+
+def _set_unless_done(future: asyncio.Future[tuple[bool, float]], result: tuple[bool, float]) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+async def _drain_then_close(
+    keeper: Keeper, wait: float, close: Callable[[], None]
+) -> tuple[bool, float, asyncio.Future[None] | None]:
+    """Wait for the drain in a helper thread that, when it ends clean, closes the idle connections at once.
+
+    For a library without an event loop: its last return wakes that thread directly (a thread
+    event, not a hop through this loop and a new thread after it), and the close is under way
+    before this loop even hears of the drain. Returns whether the drain was clean, when it
+    ended, and the future of the close already running (``None`` after a drain cut short:
+    nothing was closed, the caller forces and closes as usual).
+    """
+    loop = asyncio.get_running_loop()
+    drained: asyncio.Future[tuple[bool, float]] = loop.create_future()
+
+    def drain_then_close() -> None:
+        clean = False
+        try:
+            clean = keeper.wait_drained_blocking(wait)
+        finally:
+            # Told at once (also if the wait failed), so that the close is timed from the drain's end.
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_set_unless_done, drained, (clean, time.monotonic()))
+        if clean:
+            close()
+
+    closing = run_blocking(drain_then_close, name="poolkeeper-drain-close")
+    clean, drained_at = await drained
+    if clean:
+        return True, drained_at, closing
+    closing.add_done_callback(functools.partial(_warn_if_failed, keeper, "waiting for the drain"))
+    return False, drained_at, None
+
+
+def _warn_if_failed(keeper: Keeper, what: str, future: asyncio.Future[Any]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
+        logger.warning(
+            "poolkeeper %r: %s failed", keeper.name, what, exc_info=error, extra={"poolkeeper_keeper": keeper.name}
+        )
+
+
 async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) -> ResourceReport:
     """Drain, force and close one keeper; never raises (errors go into the report)."""
     driver = keeper.driver
@@ -200,10 +262,17 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
     cut_by: ForcedBy = "drain_timeout"
     if finish_by is not None and finish_by - reserve < drain_until:
         drain_until, cut_by = finish_by - reserve, "deadline"
-    clean = await keeper.wait_drained(max(0.0, drain_until - time.monotonic()))
-    drain_seconds = time.monotonic() - started
+    drain_wait = max(0.0, drain_until - time.monotonic())
+    blocking_close = _blocking_close(keeper, errors)
+    # The close of the idle connections, when a helper thread already runs it (see _drain_then_close).
+    closing: asyncio.Future[None] | None = None
+    if blocking_close is None:
+        clean = await keeper.wait_drained(drain_wait)
+        close_started = time.monotonic()
+    else:
+        clean, close_started, closing = await _drain_then_close(keeper, drain_wait, blocking_close)
+    drain_seconds = close_started - started
 
-    close_started = time.monotonic()
     close_until = close_started + keeper.close_timeout
     if finish_by is not None:
         close_until = min(close_until, max(finish_by, close_started + _MIN_CLOSE_BUDGET))
@@ -230,7 +299,8 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
             budget = max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
             cancelled = await _step(keeper, "force-close", driver.force_close(borrows, budget), budget, errors)
     budget = _MIN_CLOSE_BUDGET if cancelled else max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
-    cancelled = await _step(keeper, "close", driver.close_connections(), budget, errors) or cancelled
+    work = driver.close_connections() if closing is None else closing
+    cancelled = await _step(keeper, "close", work, budget, errors) or cancelled
     # Counted, not snapshotted: a checkout that raced the start of closing is drained too.
     borrowed_at_start = keeper.returned_while_draining + forced
     outcome: Outcome = "failed" if errors else "forced" if forced else "clean"

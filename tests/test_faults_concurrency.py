@@ -389,3 +389,69 @@ async def test_cancelling_one_waiting_caller_does_not_cancel_the_shutdown(fake_p
     handle.give_back()
     report = await owner
     assert (report["fake"].outcome, report["fake"].returned) == ("clean", 1)
+
+
+# -- a library without an event loop: the drain's end closes the idle connections at once --------
+
+
+def sync_fake_pool(
+    make: Callable[..., tuple[Registry, FakePool]], **options: Any
+) -> tuple[Registry, FakePool, FakeDriver]:
+    registry, pool = make(**options)
+    driver = registry["fake"].driver
+    assert isinstance(driver, FakeDriver)
+    driver.blocking = True  # offers blocking_close(), as the sync SQLAlchemy and redis drivers do
+    return registry, pool, driver
+
+
+def test_a_sync_library_closes_its_idle_connections_in_the_thread_the_last_return_wakes(fake_pool):
+    """The last return wakes the thread waiting for the drain, which closes the idle connections itself."""
+    registry, pool, driver = sync_fake_pool(fake_pool, drain_timeout=30, close_timeout=5)
+    borrowed = pool.checkout()
+    pool.checkout().give_back()  # one idle connection besides
+    reports: list[ShutdownReport] = []
+    closer = threading.Thread(target=lambda: reports.append(registry.close()))
+    closer.start()
+    until(lambda: registry["fake"].state is KeeperState.DRAINING)
+    assert not driver.close_started.is_set()  # nothing is closed while a connection is out
+    borrowed.give_back()
+    closer.join(timeout=30)
+    report = reports[0]["fake"]
+    assert (report.outcome, report.returned, report.forced, report.error) == ("clean", 1, 0, None)
+    assert pool.open_connections() == []
+    assert driver.closed_by == ["poolkeeper-drain-close"]
+
+
+def test_a_sync_librarys_close_that_hangs_is_cut_at_close_timeout():
+    """A blocking close that never returns holds close() no longer than close_timeout, and is reported."""
+    with fake_adapter():
+        registry = Registry(drain_timeout=30, close_timeout=0.5)
+        pool = registry.wrap(FakePool(), name="fake")
+        driver = registry["fake"].driver
+        assert isinstance(driver, FakeDriver)
+        driver.blocking = driver.hang_close = True
+        pool.checkout().give_back()
+        started = time.monotonic()
+        report = registry.close()["fake"]
+        elapsed = time.monotonic() - started
+        try:
+            assert 0.5 <= elapsed < 2.5
+            assert report.outcome == "failed"
+            assert (report.error or "").startswith("close: ")
+            with pytest.raises(PoolClosedError):
+                pool.checkout()
+        finally:
+            driver.unblock.set()
+        until(lambda: pool.open_connections() == [])  # the close goes on once unblocked
+
+
+def test_a_sync_librarys_drain_cut_short_forces_then_closes_as_usual(fake_pool):
+    """A borrow still out at drain_timeout is forced; the idle connections then close through close_connections()."""
+    registry, pool, driver = sync_fake_pool(fake_pool, drain_timeout=0.2, close_timeout=5)
+    borrowed = pool.checkout()
+    pool.checkout().give_back()
+    report = registry.close()["fake"]
+    assert (report.outcome, report.forced, report.forced_by) == ("forced", 1, "drain_timeout")
+    assert pool.open_connections() == []
+    assert "poolkeeper-drain-close" not in driver.closed_by
+    borrowed.give_back()

@@ -163,6 +163,20 @@ class Driver(abc.ABC):
         report's outcome ``"failed"``; the keeper is marked closed either way.
         """
 
+    def blocking_close(self) -> Callable[[], None] | None:
+        """The blocking twin of :meth:`close_connections`, for a library without an event loop; ``None`` if none.
+
+        A sync library's :meth:`close_connections` closes its idle connections in a helper
+        thread (:func:`run_blocking`). Returning that function here lets the keeper run it in
+        the thread that waits for the drain, the moment the last connection comes back, with no
+        hop through the event loop in between: a shutdown ends sooner after its last return.
+        Called once, when closing starts; the function runs at most once, in a daemon thread,
+        bounded by ``close_timeout`` like :meth:`close_connections`, and only after a clean
+        drain (a drain cut short forces and then awaits :meth:`close_connections`, as usual).
+        The default, ``None``, always awaits :meth:`close_connections`.
+        """
+        return None
+
     #: Whether :meth:`ping` checks anything; readiness reports "not checked" when it does not.
     can_ping: ClassVar[bool] = False
 

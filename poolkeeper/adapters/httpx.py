@@ -511,6 +511,10 @@ class HttpxDriver(Driver):
         self.in_flight.clear()
         self.loop = None  # the parent's event loop does not run here
 
+    def blocking_close(self) -> Callable[[], None] | None:
+        """A sync client's close, run as soon as the drain ends (see Driver); ``None`` for an async one."""
+        return None if self.is_async or self.client.is_closed else self.client.close
+
     async def close_connections(self) -> None:
         """Close the client: every transport, and every connection of their pools."""
         if self.client.is_closed:

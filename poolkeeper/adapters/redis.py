@@ -615,6 +615,10 @@ class RedisDriver(Driver):
         for connection in self._own(borrow.connection for borrow in borrows):
             _cut(connection, self._refuse_reconnect)
 
+    def blocking_close(self) -> Callable[[], None] | None:
+        """A sync client's close, run as soon as the drain ends (see Driver); ``None`` for an asyncio one."""
+        return None if self.is_async else self._close_all
+
     async def close_connections(self) -> None:
         """Disconnect every idle connection and cut any still out; none of them reconnects."""
         if not self.is_async:

@@ -16,6 +16,7 @@ class once closing starts), so that:
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -491,6 +492,22 @@ class SQLAlchemyDriver(Driver):
         if not isinstance(pool, QueuePool):
             type(pool).dispose(pool)  # the library's own: no queue
 
+    def _close_idle_of(self, pools: Sequence[Pool]) -> None:
+        for pool in pools:
+            self.close_idle_now(pool)
+
+    def blocking_close(self) -> Callable[[], None] | None:
+        """A sync engine's close of its idle connections, run as soon as the drain ends (see Driver).
+
+        ``None`` for an async engine (closed on its own loop) and for one with a
+        SingletonThreadPool (SQLite ``:memory:``), whose connection only the closing thread may
+        close: :meth:`close_connections` does both.
+        """
+        pools = list(self.pools)
+        if self.is_async or any(isinstance(pool, SingletonThreadPool) for pool in pools):
+            return None
+        return functools.partial(self._close_idle_of, pools)
+
     async def close_connections(self) -> None:
         """Close the idle connections of every pool (in a thread, or on the engine's loop).
 
@@ -504,11 +521,7 @@ class SQLAlchemyDriver(Driver):
         singletons = [pool for pool in self.pools if isinstance(pool, SingletonThreadPool)]
         pools = [pool for pool in self.pools if pool not in singletons]
         failures = [failure for pool in singletons for failure in _close_in_this_thread(pool)]
-
-        def close_all() -> None:
-            for pool in pools:
-                self.close_idle_now(pool)
-
+        close_all = functools.partial(self._close_idle_of, pools)
         if self.is_async:
             if self.loop is not None:  # None: never used, no connection was ever opened
                 await run_on_loop(self.loop, greenlet_spawn(close_all))

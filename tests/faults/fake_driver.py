@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
@@ -96,6 +96,8 @@ class FakeDriver(Driver):
 
     A hanging step still closes what it must when it is cancelled (as a well-written adapter
     cuts its sockets in a ``finally``), so a test can tell the core's bookkeeping from I/O.
+    With ``blocking`` set it is a library without an event loop: it offers :meth:`blocking_close`
+    (which ``hang_close`` makes block until ``unblock`` is set), and records which thread closed.
     """
 
     kind = "fake"
@@ -109,6 +111,9 @@ class FakeDriver(Driver):
         self.force_started = threading.Event()
         self.close_started = threading.Event()
         self.forced: list[FakeConnection] = []
+        self.blocking = False
+        self.unblock = threading.Event()
+        self.closed_by: list[str] = []  # the name of each thread that closed the idle connections
 
     def attach(self, keeper: Any) -> None:
         super().attach(keeper)
@@ -136,11 +141,21 @@ class FakeDriver(Driver):
         finally:
             self._close_idle()
 
+    def blocking_close(self) -> Callable[[], None] | None:
+        return self._close_blocking if self.blocking else None
+
+    def _close_blocking(self) -> None:
+        self.close_started.set()
+        if self.hang_close:
+            self.unblock.wait()
+        self._close_idle()
+
     def _close_idle(self) -> None:
         with self.pool.lock:
             idle, self.pool.idle = self.pool.idle, []
         for connection in idle:
             connection.closed = True
+        self.closed_by.append(threading.current_thread().name)
 
     def returned_after_close(self) -> None:
         self._close_idle()
