@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import timeit
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -75,13 +76,26 @@ def _server_address(url: str) -> str:
     return host_port.split("/", 1)[0].split("?", 1)[0]
 
 
+def _speed() -> str:
+    """A fixed pure-Python loop, best of 5: how fast this interpreter ran at that moment.
+
+    Absolute times on this page scale with it (a busy or throttled host runs it slower), so two
+    runs of the report can be compared by it; the ratios against the raw libraries do not need it.
+    """
+    loops = 2000
+    best = min(timeit.repeat("sum(range(1000))", number=loops, repeat=5))
+    return f"sum(range(1000)) in {best / loops * 1e6:.1f} us"
+
+
 @dataclass
 class Machine:
     """The facts printed at the top of the report."""
 
     started: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     load_at_start: str = field(default_factory=_load)
+    speed_at_start: str = field(default_factory=_speed)
     load_at_end: str = ""
+    speed_at_end: str = ""
     seconds: float = 0.0
 
     def facts(self) -> list[tuple[str, str]]:
@@ -98,10 +112,12 @@ class Machine:
         rows.append(("PostgreSQL", f"{_postgres()} at {_server_address(PG_URL)}"))
         rows.append(("Redis", f"{_redis()} at {_server_address(REDIS_URL)}"))
         rows.append(("load average (1/5/15 min)", f"{self.load_at_start} at the start, {self.load_at_end} at the end"))
+        rows.append(("interpreter speed", f"{self.speed_at_start} at the start, {self.speed_at_end} at the end"))
         rows.append(("run time", f"{self.seconds:.0f} s"))
         return rows
 
     def finish(self, seconds: float) -> None:
         """Note the end of the run."""
         self.load_at_end = _load()
+        self.speed_at_end = _speed()
         self.seconds = seconds

@@ -206,7 +206,9 @@ class RedisSide:
     """A side client that counts one measurement's clients in ``CLIENT LIST``."""
 
     def __init__(self) -> None:
-        self._client = redis.asyncio.Redis.from_url(REDIS_URL)
+        # Generous: it may (re)connect while thousands of borrowers keep the server and this
+        # process's loop busy connecting.
+        self._client = redis.asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=60, socket_timeout=60)
 
     async def clients(self, name: str) -> tuple[int, int]:
         """(all, blocked) clients named ``name``."""
@@ -503,11 +505,20 @@ class Failures:
 async def force_redis(side: RedisSide) -> tuple[float, float, int, int]:
     """(aclose seconds, last borrower error ms, forced, leftover clients) for REDIS_FORCED blocked BLPOPs."""
     name = unique_name("redis-forced")
-    client = redis.asyncio.Redis.from_url(REDIS_URL, client_name=name, max_connections=REDIS_FORCED + 10)
+    # Blocked until cut, however long connecting them all takes: redis-py 8.1 times sockets out
+    # after 5 s by default, which would end the BLPOPs (and slow connects) before the measure.
+    client = redis.asyncio.Redis.from_url(
+        REDIS_URL,
+        client_name=name,
+        max_connections=REDIS_FORCED + 10,
+        socket_timeout=None,
+        socket_connect_timeout=60,
+    )
     registry = Registry(drain_timeout=0.0)
     registry.wrap(client, name="cache")
     failures = Failures()
     key = f"{name}:never"  # never created: BLPOP blocks until its connection is cut
+    await side.clients(name)  # the side client connected before the borrowers crowd the loop
     tasks = [asyncio.ensure_future(failures.watch(client.blpop([key], timeout=0))) for _ in range(REDIS_FORCED)]
 
     async def all_blocked() -> bool:
