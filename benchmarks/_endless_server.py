@@ -35,17 +35,21 @@ async def endless(request: web.Request) -> web.StreamResponse:
     return response  # pragma: no cover -- never reached: the connection is cut first
 
 
+def open_connections(runner: web.AppRunner) -> int:
+    """Connections whose socket ``runner``'s server still has open (a stuck handler keeps its entry)."""
+    server = runner.server
+    assert server is not None
+    # aiohttp keeps no public count of its connections.
+    return sum(1 for transport in server._connections.values() if not transport.is_closing())
+
+
 async def serve() -> None:
     """Serve on an ephemeral port of 127.0.0.1 until stdin reaches its end (the parent is done)."""
     app = web.Application()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
 
     async def connections(_request: web.Request) -> web.Response:
-        server = runner.server
-        assert server is not None
-        # aiohttp keeps no public count of its connections.
-        open_now = sum(1 for transport in server._connections.values() if not transport.is_closing())
-        return web.Response(text=str(open_now))
+        return web.Response(text=str(open_connections(runner)))
 
     app.router.add_get("/endless", endless)
     app.router.add_get("/connections", connections)

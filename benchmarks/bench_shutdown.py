@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 import poolkeeper
-from benchmarks._endless_server import EndlessServer, endless_server
+from benchmarks._endless_server import EndlessServer, endless_server, open_connections
 from benchmarks._max_connections import max_connections_at_least
 from benchmarks._measure import (
     MEMORY,
@@ -243,9 +243,8 @@ class HttpServer:
 
     def open_connections(self) -> int:
         """Connections whose socket the server still has open (a stuck handler keeps its entry)."""
-        server = None if self.runner is None else self.runner.server
-        assert server is not None
-        return sum(1 for transport in server._connections.values() if not transport.is_closing())
+        assert self.runner is not None
+        return open_connections(self.runner)
 
     async def gated(self, request: web.Request) -> web.StreamResponse:
         """Headers at once; the body ends ``s`` seconds after the gate opens."""

@@ -304,7 +304,8 @@ def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> li
     frames: list[Any] = []
     greenlet: Any = None
     frame: Any
-    if thread.ident == _get_ident():
+    own = thread.ident == _get_ident()
+    if own:
         frame = _getframe()
     elif thread.ident is not None and _threads.get(thread.ident) is thread:  # alive: an ended one's ident is reused
         frame = sys._current_frames().get(thread.ident)  # noqa: SLF001 -- the one way to another thread's stack
@@ -314,7 +315,7 @@ def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> li
         while frame is not None:
             frames.append(frame)
             frame = frame.f_back
-        if thread.ident != _get_ident():
+        if not own:  # another thread's greenlets are not this one's to follow
             return frames
         greenlet, frame = _resume(greenlet)  # SQLAlchemy's asyncio layer: the caller goes on above
         if greenlet is None:

@@ -28,22 +28,22 @@ else:
     current_task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]  # noqa: SLF001 -- what current_task(loop) returns on 3.11
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[T], result: T) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(result)
 
 
-def wake_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-    """Resolve ``future`` on its ``loop`` from any thread; a closed loop has nobody left to wake.
+def wake_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any = None) -> None:
+    """Resolve ``future`` (with ``result``) on its ``loop`` from any thread; a closed loop has nobody left to wake.
 
     On that loop's own thread (an async library's return, on the loop the closer waits on) it is
     resolved at once: no byte through the loop's self-pipe, no extra turn of the loop.
     """
     if asyncio._get_running_loop() is loop:  # noqa: SLF001 -- None without raising: get_running_loop() raises
-        _resolve(future)
+        _resolve(future, result)
         return
     with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(_resolve, future)
+        loop.call_soon_threadsafe(_resolve, future, result)
 
 
 def _settle(future_ref: weakref.ref[asyncio.Future[Any]], result: Any, error: BaseException | None) -> None:

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._concurrency import run_blocking
+from poolkeeper._concurrency import run_blocking, wake_soon
 from poolkeeper._hooks import Hook, HookEscapeError
 from poolkeeper._keeper import Keeper, KeeperState
 from poolkeeper._redact import redact
@@ -174,32 +174,27 @@ async def _step(
     except asyncio.CancelledError as error:
         errors.append(f"{what}: cancelled")
         return error
-    except Exception as error:
-        logger.warning(
-            "poolkeeper %r: %s failed", keeper.name, what, exc_info=True, extra={"poolkeeper_keeper": keeper.name}
-        )
-        errors.append(f"{what}: " + _error_text(error, _driver_secrets(keeper)))
+    except Exception as error:  # noqa: BLE001 -- logged with its traceback and named in the report, by _failed
+        _failed(keeper, what, error, errors)
     return None
+
+
+def _failed(keeper: Keeper, what: str, error: BaseException, errors: list[str] | None = None) -> None:
+    """Log that ``what`` failed for ``keeper``, and name it in the report's ``errors`` (secrets scrubbed)."""
+    logger.warning(
+        "poolkeeper %r: %s failed", keeper.name, what, exc_info=error, extra={"poolkeeper_keeper": keeper.name}
+    )
+    if errors is not None:
+        errors.append(f"{what}: " + _error_text(error, _driver_secrets(keeper)))
 
 
 def _blocking_close(keeper: Keeper, errors: list[str]) -> Callable[[], None] | None:
     """The driver's :meth:`~poolkeeper.adapters.Driver.blocking_close`; a failure is reported and means none."""
     try:
         return keeper.driver.blocking_close()
-    except Exception as error:
-        logger.warning(
-            "poolkeeper %r: blocking_close() failed",
-            keeper.name,
-            exc_info=True,
-            extra={"poolkeeper_keeper": keeper.name},
-        )
-        errors.append("close: " + _error_text(error, _driver_secrets(keeper)))
+    except Exception as error:  # noqa: BLE001 -- logged with its traceback and named in the report, by _failed
+        _failed(keeper, "close", error, errors)
         return None
-
-
-def _set_unless_done(future: asyncio.Future[tuple[bool, float]], result: tuple[bool, float]) -> None:
-    if not future.done():
-        future.set_result(result)
 
 
 async def _drain_then_close(
@@ -222,8 +217,7 @@ async def _drain_then_close(
             clean = keeper.wait_drained_blocking(wait)
         finally:
             # Told at once (also if the wait failed), so that the close is timed from the drain's end.
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_set_unless_done, drained, (clean, time.monotonic()))
+            wake_soon(loop, drained, (clean, time.monotonic()))
         if clean:
             close()
 
@@ -238,9 +232,7 @@ async def _drain_then_close(
 def _warn_if_failed(keeper: Keeper, what: str, future: asyncio.Future[Any]) -> None:
     error = None if future.cancelled() else future.exception()
     if error is not None:
-        logger.warning(
-            "poolkeeper %r: %s failed", keeper.name, what, exc_info=error, extra={"poolkeeper_keeper": keeper.name}
-        )
+        _failed(keeper, what, error)
 
 
 async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) -> ResourceReport:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolkeeper import PoolClosedError
+from poolkeeper._borrowers import record_callers
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Database 9: the suite never touches database 0, and never flushes anything it did not create.
@@ -38,6 +39,16 @@ os.environ.setdefault("POOLKEEPER_MYSQL_URL", DEFAULT_MYSQL_URL)
 # default action in those children, as in a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def callers_at_checkout(*, on: bool) -> Iterator[None]:
+    """Tracked checkouts record their callers (as under the pytest plugin) or not (as in production), then as before."""
+    was = record_callers(on=on)
+    try:
+        yield
+    finally:
+        record_callers(on=was)
 
 
 def postgres_url() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import threading
 import tracemalloc
@@ -16,19 +15,10 @@ import sqlalchemy as sa
 
 import poolkeeper
 from poolkeeper import Registry
-from poolkeeper._borrowers import record_callers
+from tests.conftest import callers_at_checkout
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-
-@contextlib.contextmanager
-def callers_at_checkout(*, on: bool) -> Iterator[None]:
-    was = record_callers(on=on)
-    try:
-        yield
-    finally:
-        record_callers(on=was)
 
 
 @pytest.fixture

@@ -14,20 +14,17 @@ import redis.asyncio
 import sqlalchemy as sa
 
 from poolkeeper import Registry
-from poolkeeper._borrowers import record_callers
+from tests.conftest import callers_at_checkout
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["callers-recorded", "callers-read-later"])
-def callers_at_checkout(request: pytest.FixtureRequest) -> Iterator[None]:
+def both_ways(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test both ways a tracked checkout runs: under the pytest plugin, and in production."""
-    was = record_callers(on=request.param)
-    try:
+    with callers_at_checkout(on=request.param):
         yield
-    finally:
-        record_callers(on=was)
 
 
 class WarningSeen(logging.Handler):

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from poolkeeper._borrowers import record_callers
+from tests.conftest import callers_at_checkout
 from tests.contract.cases import all_cases
 from tests.contract.harness import SIZE, AdapterCase, Subject, settle
 from tests.waiting import auntil
@@ -161,20 +161,17 @@ async def test_the_deadline_force_closes_borrows_on_the_client_and_the_server(ca
     assert await settle(lambda: subject.server_connections() == 0), "connections left open on the server"
 
 
-@pytest.mark.parametrize("callers_at_checkout", [True, False], ids=["callers-recorded", "callers-read-later"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["callers-recorded", "callers-read-later"])
 async def test_the_report_names_the_borrow_site_and_no_secret(
-    case: AdapterCase, subject: Subject, caplog: pytest.LogCaptureFixture, callers_at_checkout: bool
+    case: AdapterCase, subject: Subject, caplog: pytest.LogCaptureFixture, recorded: bool
 ):
     """The report shows the keeper's kind, target and the forced borrower's site; no secret in it or in the logs.
 
     Both ways a tracked checkout can run: recording its callers (the pytest plugin's setting),
     and recording the borrowing line alone (a production process's).
     """
-    was = record_callers(on=callers_at_checkout)
-    try:
+    with callers_at_checkout(on=recorded):
         await _report_names_the_borrow_site_and_no_secret(case, subject, caplog)
-    finally:
-        record_callers(on=was)
 
 
 async def _report_names_the_borrow_site_and_no_secret(
