@@ -106,7 +106,9 @@ def _overhead(results: Sequence[Result]) -> list[str]:
         "out then. Looking at a frame costs CPython a frame object, so the cost is the library's depth",
         "plus 1 frame. `python -m benchmarks.instructions` counts the instructions of the bare checkouts",
         "under valgrind, which load on the machine does not move; `python -m benchmarks.consume_instructions`",
-        "counts those of a consumed and acked message (the aio-pika and NATS rows).",
+        "counts those of a consumed and acked message (the aio-pika and NATS rows). The *noise floor* row",
+        "times a raw pool against a second raw pool in the same way: the same code against itself, so its",
+        "distance from 1.000x is what this run's machine noise alone does to a ratio.",
         "",
         *_table(
             ("measure", "raw library", "poolkeeper", "ratio", "goal", "verdict", "how measured"),
@@ -130,7 +132,10 @@ def _latency(results: Sequence[Result]) -> list[str]:
     return [
         "From the moment the last borrowed connection is given back to the moment `close()` / `aclose()`",
         "returns: how fast the event-driven drain notices. One keeper per sample, closed while one",
-        "connection is borrowed.",
+        "connection is borrowed. The whole includes the library's own work on both ends: its return (for",
+        "asyncpg, a reset round trip to the server before the connection is back) and its close of the",
+        "idle connections once the drain is over. The spread column splits each median into that close",
+        "(the report's `close_seconds`) and the rest: the return, the wake-up and the report.",
         "",
         *_table(
             ("keeper", "median", "goal", "verdict", "spread"),

@@ -17,6 +17,7 @@ from benchmarks._measure import (
     Comparison,
     Result,
     alternate,
+    close_seconds,
     latency_result,
     timed,
 )
@@ -87,6 +88,7 @@ async def compare_get(name: str, url: str, *, count: int, rounds: int, track: bo
 async def drain_latency(base: str, samples: int = 50) -> Result:
     """Time from the release of the last response to ``aclose()`` returning."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         session = registry.wrap(aiohttp.ClientSession(), name="http")
@@ -98,7 +100,8 @@ async def drain_latency(base: str, samples: int = 50) -> Result:
         response.release()
         await closing
         latencies.append(time.perf_counter() - released_at)
-    return latency_result("aiohttp drain wake-up", latencies, WAKE_UP_GOAL_MS)
+        closes.append(close_seconds(registry))
+    return latency_result("aiohttp drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 async def run_all() -> list[Result]:

@@ -16,6 +16,7 @@ from benchmarks._measure import (
     Comparison,
     Result,
     alternate,
+    close_seconds,
     latency_result,
     timed,
 )
@@ -107,6 +108,7 @@ async def acquire_overhead() -> list[Result]:
 async def drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's release to aclose() returning."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         pool = await asyncpg.create_pool(URL, min_size=1, max_size=1)
@@ -119,7 +121,8 @@ async def drain_latency(samples: int = 30) -> Result:
         await pool.release(connection)
         await closing
         latencies.append(time.perf_counter() - released_at)
-    return latency_result("asyncpg drain wake-up", latencies, WAKE_UP_GOAL_MS)
+        closes.append(close_seconds(registry))
+    return latency_result("asyncpg drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 async def main() -> list[Result]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from aiohttp import web
 
-from benchmarks._measure import Comparison, Result, compare, latency_result
+from benchmarks._measure import Comparison, Result, close_seconds, compare, latency_result
 from poolkeeper import Registry
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ async def compare_async_get(url: str, *, count: int, rounds: int) -> Comparison:
 async def drain_latency(base: str, samples: int = 50) -> Result:
     """Time from closing the last streamed response to ``aclose()`` returning."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         client: Any = registry.wrap(httpx.AsyncClient(), name="http")
@@ -116,7 +117,8 @@ async def drain_latency(base: str, samples: int = 50) -> Result:
         await response.aclose()
         await closing
         latencies.append(time.perf_counter() - closed_at)
-    return latency_result("httpx drain wake-up", latencies, 2.0)
+        closes.append(close_seconds(registry))
+    return latency_result("httpx drain wake-up", latencies, 2.0, closes)
 
 
 def run() -> list[Result]:

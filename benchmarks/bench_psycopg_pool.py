@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from benchmarks._measure import Comparison, Result, latency_result
+from benchmarks._measure import Comparison, Result, close_seconds, latency_result
 from benchmarks._measure import per_op as sync_per_op
 from poolkeeper import Registry
 
@@ -126,6 +126,7 @@ async def async_overhead() -> list[Result]:
 def drain_latency(samples: int = 20) -> Result:
     """Time from the last connection's return to close() returning."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         pool = ConnectionPool(URL, min_size=1, max_size=1, open=True)
@@ -140,7 +141,8 @@ def drain_latency(samples: int = 20) -> Result:
         pool.putconn(connection)
         closing.join()
         latencies.append(time.perf_counter() - returned_at)
-    return latency_result("psycopg_pool drain wake-up (incl. pool close)", latencies, 20.0)
+        closes.append(close_seconds(registry))
+    return latency_result("psycopg_pool drain wake-up (incl. pool close)", latencies, 20.0, closes)
 
 
 def run() -> list[Result]:

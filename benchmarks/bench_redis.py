@@ -17,6 +17,7 @@ from benchmarks._measure import (
     Comparison,
     Result,
     alternate,
+    close_seconds,
     compare,
     compare_statement,
     latency_result,
@@ -95,9 +96,23 @@ def checkout_overhead() -> list[Result]:
         ).result(goal)
         for suffix, client, goal in (("", wrapped_client, BARE_GOAL), (", tracked", tracked_client, TRACKED_GOAL))
     ]
+    # The same code against itself: a second raw pool, in the same rounds. Its ratio is what this
+    # run's noise alone moves a ratio by (the rows above are within it of their true value).
+    other_raw = redis.ConnectionPool.from_url(URL)
+    rows.append(
+        compare_statement(
+            "redis get_connection+release (no I/O), raw against raw: the noise floor",
+            bare,
+            {"pool": raw},
+            {"pool": other_raw},
+            count=4000,
+            rounds=31,
+        ).result(None)
+    )
     registry.close()
     tracked_registry.close()
     raw.disconnect()
+    other_raw.disconnect()
     return rows
 
 
@@ -137,6 +152,7 @@ async def async_checkout_overhead() -> list[Result]:
 def sync_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to close() returning, on a sync client."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         client = redis.Redis.from_url(URL)
@@ -159,13 +175,15 @@ def sync_drain_latency(samples: int = 30) -> Result:
         pool.release(connection)
         closer.join()
         latencies.append(closed_at[0] - returned_at)
+        closes.append(close_seconds(registry))
         client.close()
-    return latency_result("redis drain wake-up", latencies, WAKE_UP_GOAL_MS)
+    return latency_result("redis drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 async def async_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to aclose() returning, on an asyncio client."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         client = redis.asyncio.Redis.from_url(URL)
@@ -178,8 +196,9 @@ async def async_drain_latency(samples: int = 30) -> Result:
         await pool.release(connection)
         await closing
         latencies.append(time.perf_counter() - returned_at)
+        closes.append(close_seconds(registry))
         await client.aclose()
-    return latency_result("redis.asyncio drain wake-up", latencies, WAKE_UP_GOAL_MS)
+    return latency_result("redis.asyncio drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 def run() -> list[Result]:

@@ -19,6 +19,7 @@ from benchmarks._measure import (
     WAKE_UP_GOAL_MS,
     Result,
     alternate,
+    close_seconds,
     compare,
     compare_statement,
     latency_result,
@@ -163,6 +164,7 @@ def memory_over_checkouts(total: int = 1_000_000, warm: int = 100_000) -> Result
 def sync_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to close() returning, on a sync engine."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         engine = sa.create_engine(URL.set(drivername="postgresql+psycopg"), pool_size=1)
@@ -185,12 +187,14 @@ def sync_drain_latency(samples: int = 30) -> Result:
         connection.close()
         closer.join()
         latencies.append(closed_at[0] - returned_at)
-    return latency_result("sqlalchemy sync drain wake-up", latencies, WAKE_UP_GOAL_MS)
+        closes.append(close_seconds(registry))
+    return latency_result("sqlalchemy sync drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 async def async_drain_latency(samples: int = 30) -> Result:
     """Time from the last connection's return to aclose() returning, on an AsyncEngine (asyncpg)."""
     latencies = []
+    closes: list[float] = []
     for _ in range(samples):
         registry = Registry(drain_timeout=10)
         engine = create_async_engine(URL.set(drivername="postgresql+asyncpg"), pool_size=1)
@@ -203,7 +207,8 @@ async def async_drain_latency(samples: int = 30) -> Result:
         await connection.close()
         await closing
         latencies.append(time.perf_counter() - returned_at)
-    return latency_result("sqlalchemy async (asyncpg) drain wake-up", latencies, WAKE_UP_GOAL_MS)
+        closes.append(close_seconds(registry))
+    return latency_result("sqlalchemy async (asyncpg) drain wake-up", latencies, WAKE_UP_GOAL_MS, closes)
 
 
 def run() -> list[Result]:

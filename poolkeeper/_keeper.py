@@ -459,9 +459,14 @@ class Keeper:
                 return False
             future: asyncio.Future[None] = loop.create_future()
             self._drain_waiters.append((loop, future))
+        # The future itself, awaited with a timer that resolves it: the return that resolves it
+        # wakes this task in one turn of the loop (asyncio.wait() takes two: its own callback first).
+        timer = None if timeout is None else loop.call_later(timeout, wake_soon, loop, future)
         try:
-            await asyncio.wait((future,), timeout=timeout)
+            await future
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 if (loop, future) in self._drain_waiters:
                     self._drain_waiters.remove((loop, future))
