@@ -294,8 +294,28 @@ def _awaiting_frames(task: asyncio.Task[Any]) -> list[Any]:
     return frames
 
 
-def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> list[Any]:
-    """The borrower's frames now, innermost first: its task's, or its thread's stack."""
+class ThreadStacks:
+    """Every other thread's innermost frame, read once for a batch of views.
+
+    ``sys._current_frames()`` covers every thread of the process: read once per borrow, viewing
+    the borrows of n threads (a force-close, ``Keeper.borrowers()``, a leak scan) would cost n².
+    Read on first use, then shared by the views of one batch.
+    """
+
+    __slots__ = ("_frames",)
+
+    def __init__(self) -> None:
+        self._frames: dict[int, Any] | None = None
+
+    def innermost(self, ident: int) -> Any:
+        """The innermost frame of the thread ``ident`` when the batch first looked, or ``None``."""
+        if self._frames is None:
+            self._frames = sys._current_frames()  # noqa: SLF001 -- the one way to another thread's stack
+        return self._frames.get(ident)
+
+
+def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None, stacks: ThreadStacks) -> list[Any]:
+    """The borrower's frames now, innermost first: its task's, or its thread's stack (from ``stacks``)."""
     if task is not None:
         loop = _running_loop()
         if loop is None or _current_task(loop) is not task:
@@ -308,7 +328,7 @@ def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> li
     if own:
         frame = _getframe()
     elif thread.ident is not None and _threads.get(thread.ident) is thread:  # alive: an ended one's ident is reused
-        frame = sys._current_frames().get(thread.ident)  # noqa: SLF001 -- the one way to another thread's stack
+        frame = stacks.innermost(thread.ident)
     else:
         return frames
     while True:
@@ -322,13 +342,15 @@ def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None) -> li
             return frames
 
 
-def _live_callers(code: CodeType, thread: threading.Thread, task: asyncio.Task[Any] | None) -> tuple[Any, ...]:
+def _live_callers(
+    code: CodeType, thread: threading.Thread, task: asyncio.Task[Any] | None, stacks: ThreadStacks
+) -> tuple[Any, ...]:
     """The callers above the borrow site in ``code``, read from the borrower's stack if still there.
 
     ``(code, offset, ...)`` as :func:`_capture` records them; empty when the borrowing function
     is no longer running (the borrower moved on, or ended).
     """
-    frames = _live_frames(thread, task)
+    frames = _live_frames(thread, task, stacks)
     # The innermost run of the borrowing function.
     index = next((index for index, frame in enumerate(frames) if frame.f_code is code), None)
     if index is None:
@@ -342,11 +364,11 @@ def _live_callers(code: CodeType, thread: threading.Thread, task: asyncio.Task[A
     return tuple(callers)
 
 
-def _stack(entry: Entry) -> tuple[Frame, ...]:
+def _stack(entry: Entry, stacks: ThreadStacks) -> tuple[Frame, ...]:
     """The borrow-site stack of a tracked entry: what the checkout recorded, with the callers read now if it did not."""
     raw = entry[2]
     if len(raw) == _SITE_LENGTH:  # the borrow site alone: its callers, if the borrowing function still runs
-        raw += _live_callers(raw[0], entry[3], entry[4])
+        raw += _live_callers(raw[0], entry[3], entry[4], stacks)
     return _frames(raw)
 
 
@@ -428,8 +450,12 @@ class Borrow:
         returned_by_gc: bool = False,
         forced_by: ForcedBy | None = None,
         detail: str | None = None,
+        stacks: ThreadStacks | None = None,
     ) -> Borrower:
-        """The public, immutable view of this borrow (``forced_by``: why it is being force-closed)."""
+        """The public, immutable view of this borrow (``forced_by``: why it is being force-closed).
+
+        ``stacks``: shared by the views of one batch (see :class:`ThreadStacks`).
+        """
         entry = self.entry
         held = time.monotonic() - entry[0]
         tracked = len(entry) > _UNTRACKED_LENGTH
@@ -439,7 +465,7 @@ class Borrow:
             held_seconds=held,
             thread=entry[3].name if tracked else None,
             task=entry[4].get_name() if tracked and entry[4] is not None else None,
-            stack=_stack(entry) if tracked else None,
+            stack=_stack(entry, stacks or ThreadStacks()) if tracked else None,
             returned_by_gc=returned_by_gc,
             forced_by=forced_by,
             detail=detail,

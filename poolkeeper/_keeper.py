@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, collected, tracked_entry
+from poolkeeper._borrowers import Borrow, Borrower, Entry, ForcedBy, ThreadStacks, collected, tracked_entry
 from poolkeeper._concurrency import wake_soon
 from poolkeeper._gc_safe_lock import GcSafeLock
 from poolkeeper._leak_watch import LeakWatch
@@ -166,7 +166,8 @@ class Keeper:
         """Who holds a connection now, since when, and (when tracked) where it was borrowed."""
         with self._lock:
             borrows = self._borrows.copy()
-        return [Borrow(connection, entry).view(self._name) for connection, entry in borrows.items()]
+        stacks = ThreadStacks()  # the threads' stacks read once for all of them
+        return [Borrow(connection, entry).view(self._name, stacks=stacks) for connection, entry in borrows.items()]
 
     def gc_leaks(self, *, clear: bool = False) -> list[Borrower]:
         """Borrowers whose connection only came back through the garbage collector (tracked keepers)."""

@@ -23,7 +23,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from poolkeeper._borrowers import Borrow
+from poolkeeper._borrowers import Borrow, ThreadStacks
 
 if TYPE_CHECKING:
     from poolkeeper._borrowers import Entry
@@ -76,6 +76,7 @@ class LeakWatch:
         still_warned: dict[Any, Entry] = {}
         next_due: float | None = None
         now = time.monotonic()
+        stacks = ThreadStacks()  # the borrowing threads' stacks read once per scan, if any is warned about
         # list() copies the dict in one step under the GIL, while other threads lend and return.
         for connection, entry in list(keeper._borrows.items()):  # noqa: SLF001 -- the keeper's own records
             if warned.get(connection) is entry:
@@ -83,7 +84,7 @@ class LeakWatch:
                 continue
             due = entry[0] + threshold
             if due <= now:
-                _warn(keeper, Borrow(connection, entry))
+                _warn(keeper, Borrow(connection, entry), stacks)
                 still_warned[connection] = entry
             elif next_due is None or due < next_due:
                 next_due = due
@@ -104,8 +105,8 @@ class LeakWatch:
         return min(starts) + self._threshold if starts else None
 
 
-def _warn(keeper: Keeper, borrow: Borrow) -> None:
-    view = borrow.view(keeper.name)
+def _warn(keeper: Keeper, borrow: Borrow, stacks: ThreadStacks) -> None:
+    view = borrow.view(keeper.name, stacks=stacks)
     logger.warning(
         "poolkeeper %r: a connection has been borrowed for %.3fs, longer than leak_threshold; possible leak:\n%s",
         keeper.name,

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from poolkeeper._borrowers import ThreadStacks
 from poolkeeper._concurrency import run_blocking, wake_soon
 from poolkeeper._hooks import Hook, HookEscapeError
 from poolkeeper._keeper import Keeper, KeeperState
@@ -292,8 +293,11 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
         if forced:
             # Asked for from outside (the grace budget, force_close()), else the time ran out.
             forced_by = keeper.force_reason or cut_by
+        stacks = ThreadStacks()  # the borrowing threads' stacks read once for all of them
         leaks = tuple(
-            borrow.view(keeper.name, forced_by=forced_by, detail=_borrow_detail(keeper, borrow.connection))
+            borrow.view(
+                keeper.name, forced_by=forced_by, detail=_borrow_detail(keeper, borrow.connection), stacks=stacks
+            )
             for borrow in borrows
         )
         if borrows:
