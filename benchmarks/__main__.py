@@ -25,6 +25,7 @@ from benchmarks import (
     bench_redis,
     bench_shutdown,
     bench_sqlalchemy,
+    instructions,
 )
 from benchmarks._machine import Machine
 from benchmarks._report import console_header, console_line, markdown
@@ -46,6 +47,7 @@ SUITES: dict[str, Callable[[], Sequence[Row]]] = {
     "aio-pika": bench_aio_pika.run,
     "nats": bench_nats.run,
     "shutdown": bench_shutdown.run,
+    "instructions": instructions.run,  # last: several minutes of valgrind, with nothing else timed meanwhile
 }
 
 

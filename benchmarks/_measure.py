@@ -28,6 +28,7 @@ OVERHEAD = "Overhead against the raw libraries"
 LATENCY = "Drain wake-up latency"
 SCALE = "Shutdown at scale"
 MEMORY = "Memory per borrow"
+INSTRUCTIONS = "Instructions per checkout"
 
 #: Goals (issue 18, issue 13 item 9): a bare checkout+return through a kept pool, tracking off
 #: and on, against the raw library's; the drain's wake-up; bytes a borrow keeps while it is out.

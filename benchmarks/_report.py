@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from benchmarks import bench_shutdown
-from benchmarks._measure import LATENCY, MEMORY, OVERHEAD, SCALE, CloseOutcome, Result, Row
+from benchmarks._measure import INSTRUCTIONS, LATENCY, MEMORY, OVERHEAD, SCALE, CloseOutcome, Result, Row
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -23,6 +23,8 @@ def figure(value: float | None, unit: str) -> str:
         return "-"
     if unit == "B":
         return f"{value:,.0f} B"
+    if unit == "instructions":
+        return f"{value:,.0f}"
     if unit == "ms":  # fewer decimals as the figure grows: three significant digits or more
         decimals = 0 if value >= 100 else 1 if value >= 10 else 3
         return f"{value:,.{decimals}f} ms"
@@ -241,6 +243,23 @@ def _side_by_side(outcomes: Sequence[CloseOutcome]) -> list[str]:
     ]
 
 
+def _instructions(results: Sequence[Result]) -> list[str]:
+    return [
+        "The bare checkouts of the overhead table again, counted in instructions instead of timed: each case",
+        "and mode runs in a process of its own under valgrind's callgrind, which counts only the loop of",
+        "checkouts, after a warm-up (`benchmarks/instructions.py`). A count does not depend on what else the",
+        "machine is doing, so these ratios come out alike from run to run (within about 1%), where the",
+        "timed ones move by several percent (see the noise floor row). They are not the timed ratios: an",
+        "instruction that misses a cache costs more than one that hits, and looking at a frame (tracked",
+        "rows) allocates.",
+        "",
+        *_table(
+            ("bare checkout+return", "raw library", "poolkeeper", "ratio", "how measured"),
+            [(r.name, figure(r.raw, r.unit), figure(r.wrapped, r.unit), ratio(r.ratio), r.detail) for r in results],
+        ),
+    ]
+
+
 def markdown(rows: Sequence[Row], machine: Machine) -> str:
     """The whole of ``docs/performance.md``."""
     results = [row for row in rows if isinstance(row, Result)]
@@ -280,6 +299,7 @@ def markdown(rows: Sequence[Row], machine: Machine) -> str:
         (LATENCY, _latency),
         (SCALE, _scale),
         (MEMORY, _memory),
+        (INSTRUCTIONS, _instructions),
     )
     for title, render in sections:
         chosen = [result for result in results if result.section == title]

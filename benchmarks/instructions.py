@@ -9,7 +9,8 @@ only the timed loop (``--toggle-collect`` on the C function that runs it), after
     python -m benchmarks.instructions sqlalchemy redis   # some cases
     python -m benchmarks.instructions --profile sqlalchemy:wrapped   # cProfile of one loop
 
-Needs ``valgrind`` on the PATH and the servers the benchmarks use (PostgreSQL, Redis).
+Needs ``valgrind`` on the PATH and the servers the benchmarks use (PostgreSQL, Redis). The
+``instructions`` suite of ``python -m benchmarks`` (:func:`run`) puts the same counts in the report.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ import functools
 import os
 import pstats
 import re
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
+
+from benchmarks._measure import INSTRUCTIONS, Result
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -145,6 +150,55 @@ CASES: dict[str, Callable[[str], tuple[Callable[[], object], Callable[[], object
     "redis-async": _loop_case(_redis_async),
     "asyncpg": _loop_case(_asyncpg),
 }
+
+
+#: What each case times, as the report names it.
+TITLES = {
+    "sqlalchemy": "sqlalchemy checkout+return",
+    "sqlalchemy-async": "sqlalchemy async checkout+return",
+    "redis": "redis get_connection+release (no I/O)",
+    "redis-async": "redis.asyncio get_connection+release (no I/O)",
+    "asyncpg": "asyncpg acquire+release",
+}
+
+
+def run() -> list[Result]:
+    """Every case, raw / wrapped / tracked, as report rows: two callgrind processes at a time.
+
+    Counted instructions do not move with the machine's load, so these ratios come out alike run
+    after run, where the timed rows of the same checkouts move by several percent.
+    """
+    if shutil.which("valgrind") is None:
+        return [
+            Result(
+                section=INSTRUCTIONS,
+                name="every case",
+                unit="instructions",
+                wrapped=float("nan"),
+                detail="not measured: valgrind is not on the PATH",
+            )
+        ]
+    jobs = [(case, mode) for case in CASES for mode in MODES]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each job is a process of its own; the machine has 2 cores
+        counted = dict(
+            zip(jobs, pool.map(lambda job: count_instructions(job[0], job[1], COUNTS[job[0]]), jobs), strict=True)
+        )
+    rows = []
+    for case in CASES:
+        raw = counted[case, "raw"]
+        for mode, suffix in (("wrapped", ""), ("tracked", ", tracked")):
+            rows.append(
+                Result(
+                    section=INSTRUCTIONS,
+                    name=TITLES[case] + suffix,
+                    unit="instructions",
+                    raw=raw,
+                    wrapped=counted[case, mode],
+                    ratio=counted[case, mode] / raw,
+                    detail=f"instructions per operation over {COUNTS[case]:,} operations, under callgrind",
+                )
+            )
+    return rows
 
 
 def _timed_loop(once: Callable[..., object], count: int) -> None:
