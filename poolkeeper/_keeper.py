@@ -324,7 +324,7 @@ class Keeper:
             entry = self._borrows.pop(connection, None)
             self._returned_during_close(entry)
         if self._state is KeeperState.CLOSED:
-            self._driver.returned_after_close()
+            self._driver.connection_returned_after_close(connection)
         if entry is not None and collected(entry):
             self._note_gc_return(connection, entry)
 

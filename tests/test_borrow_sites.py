@@ -18,6 +18,7 @@ import poolkeeper
 from poolkeeper import Registry
 from tests.conftest import callers_at_checkout
 from tests.faults.fake_driver import FakePool, fake_adapter
+from tests.test_redis_keeper import CHECKOUT_ARGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -215,10 +216,6 @@ def test_a_borrow_held_200_frames_deep_shows_its_line_and_three_callers():
     assert borrower.site == f"{__file__}:{line}"
     assert [frame.function for frame in borrower.stack] == ["look"] * 4
     registry.close()
-
-
-# redis-py before 5.3 requires a command name, which later releases deprecate.
-CHECKOUT_ARGS = () if tuple(int(part) for part in redis.__version__.split(".")[:2]) >= (5, 3) else ("PING",)
 
 
 async def hold_in_task(pool: Any, held: asyncio.Event, release: asyncio.Event, lines: list[int]) -> None:

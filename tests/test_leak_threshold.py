@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from poolkeeper import Registry
 from tests.conftest import callers_at_checkout
+from tests.test_redis_keeper import CHECKOUT_ARGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -124,7 +125,7 @@ def test_a_redis_connection_held_past_the_threshold_names_the_line_that_borrowed
         registry = Registry()
         client = registry.wrap(redis.Redis.from_url(redis_url), name="cache", leak_threshold=0.1)
         line = sys._getframe().f_lineno + 1  # the next line is the borrow site
-        connection = client.connection_pool.get_connection()
+        connection = client.connection_pool.get_connection(*CHECKOUT_ARGS)
         assert handler.seen.wait(5)
         client.connection_pool.release(connection)
     finally:
@@ -144,7 +145,7 @@ def test_a_redis_asyncio_connection_held_past_the_threshold_names_the_line_that_
         registry = Registry()
         client = registry.wrap(redis.asyncio.Redis.from_url(redis_url), name="cache", leak_threshold=0.1)
         line = sys._getframe().f_lineno + 1  # the next line is the borrow site
-        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated
+        connection = await client.connection_pool.get_connection(*CHECKOUT_ARGS)  # type: ignore[no-untyped-call]  # unannotated
         assert await asyncio.to_thread(handler.seen.wait, 5)
         await client.connection_pool.release(connection)
         await registry.aclose()

@@ -220,6 +220,16 @@ class Driver(abc.ABC):
         collector: must not block, must not raise.
         """
 
+    def connection_returned_after_close(self, connection: Any) -> None:  # noqa: ARG002 -- the default cannot use it
+        """:meth:`returned_after_close`, told which connection came back (what the adapter lent).
+
+        What the keeper calls. The default calls :meth:`returned_after_close`, which knows only
+        that one did. Override this one where a sweep of the whole pool per late return would add
+        up: thousands of forced borrowers come back one after another, and a sweep each costs
+        the square of their number. Same constraints: must not block, must not raise.
+        """
+        self.returned_after_close()
+
     def describe(self) -> str:
         """What the resource points at, with no secret in it (``redis://host:6379/0``).
 

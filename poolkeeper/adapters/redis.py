@@ -491,7 +491,10 @@ class RedisDriver(Driver):
         self.pool = pool
         self.is_async = isinstance(pool, AsyncConnectionPool)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._pending: set[asyncio.Future[Any]] = set()
+        # asyncio connections given back after the close, and the task closing them (see
+        # connection_returned_after_close).
+        self._late_returns: list[Any] = []
+        self._late_closer: asyncio.Future[None] | None = None
         # Sockets (stream writers) the parent process opened (set in a forked child): never touched
         # here, as redis-py's own pid check leaves them. Held strongly so that their ids stay unique.
         self._inherited: dict[int, Any] = {}
@@ -528,6 +531,8 @@ class RedisDriver(Driver):
         transports = (_transport(connection) for connection in connections if connection is not None)
         self._inherited.update((id(transport), transport) for transport in transports if transport is not None)
         self.loop = None  # the parent's event loop does not run here
+        self._late_returns = []  # the parent's, on its loop
+        self._late_closer = None
 
     def _own(self, connections: Iterable[Any]) -> list[Any]:
         """The connections of ``connections`` that are not on a socket the parent opened."""
@@ -713,15 +718,34 @@ class RedisDriver(Driver):
         _seal(connection, self._refuse_reconnect)
         await connection.disconnect(nowait=True)
 
-    def returned_after_close(self) -> None:
-        """A forced borrower gave its connection back after the sweep: close it too."""
-        if not self.is_async:
-            self._close_all()
+    def connection_returned_after_close(self, connection: Any) -> None:
+        """A forced borrower gave ``connection`` back after the sweep: close that one.
+
+        That one alone: thousands of forced borrowers come back one after another, and a sweep of
+        the pool each would cost the square of their number (5,000 asyncio returns made 25
+        million disconnect tasks and ran the process out of memory).
+        """
+        if not self._own([connection]):  # a forked child's connection on the parent's socket
             return
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing can be awaited here
-            future = asyncio.ensure_future(self._aclose_all())
-            self._pending.add(future)  # keep a reference until it is done
-            future.add_done_callback(self._pending.discard)
+        _seal(connection, self._refuse_reconnect)
+        if not self.is_async:
+            connection.disconnect()
+            return
+        # Returns that come while a batch is being closed join the next batch of the same task.
+        if self._late_closer is None:
+            try:
+                self._late_closer = asyncio.ensure_future(self._close_late_returns())
+            except RuntimeError:  # no running loop here (a finaliser in another thread): nothing can be awaited
+                return
+        self._late_returns.append(connection)
+
+    async def _close_late_returns(self) -> None:
+        try:
+            while self._late_returns:
+                batch, self._late_returns = self._late_returns, []
+                await _disconnect_all(batch)
+        finally:
+            self._late_closer = None  # in the same step as the last look: no return falls between
 
 
 async def _disconnect_all(connections: Iterable[Any]) -> None:
