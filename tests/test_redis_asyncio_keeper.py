@@ -218,7 +218,7 @@ async def test_a_thousand_forced_borrowers_coming_back_after_the_close_leave_the
 ):
     """1,000 forced BLPOPs give their connections back after aclose(): the loop is idle again within seconds.
 
-    Each late return used to start a sweep over every connection of the pool: 1,000 returns made a
+    Each late return used to start a sweep over every connection of the pool: 1,000 returns made half a
     million disconnect tasks (5,000 ran a benchmark out of 24 GB of memory).
     """
     borrowers = 1000

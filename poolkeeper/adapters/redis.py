@@ -722,7 +722,7 @@ class RedisDriver(Driver):
         """A forced borrower gave ``connection`` back after the sweep: close that one.
 
         That one alone: thousands of forced borrowers come back one after another, and a sweep of
-        the pool each would cost the square of their number (5,000 asyncio returns made 25
+        the pool each would cost the square of their number (5,000 asyncio returns made about 12
         million disconnect tasks and ran the process out of memory).
         """
         if not self._own([connection]):  # a forked child's connection on the parent's socket
