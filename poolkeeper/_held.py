@@ -14,6 +14,13 @@ to the library's own finalizers.
 
 A borrowed connection keeps its pool, and so its keeper, alive: a keeper is only ever collected
 with nothing borrowed.
+
+A runner that owns the process's lifetime (``poolkeeper.run()`` while ``main`` runs, the FastAPI
+lifespan once shutdown begins) *pins* the registry's keepers: each entry then also holds its keeper
+strongly until the keeper closes or is unwrapped. An object wrapped inside ``main`` (or inside the
+app's own lifespan) is dropped when ``main`` ends (or when that lifespan's teardown runs), and lives
+on only in a reference cycle with its keeper: the collector could free it just before the registry
+closes, and the close would miss it. Pinned, it is closed like the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ logger = logging.getLogger("poolkeeper.registry")
 class HeldKeeper:
     """A registry's entry for one keeper: everything the registry needs without keeping it alive."""
 
-    __slots__ = ("closed", "depends_on", "dropped", "kind", "name", "ref", "released")
+    __slots__ = ("closed", "depends_on", "dropped", "kind", "name", "pinned", "ref", "released")
 
     def __init__(self, keeper: Keeper, dropped: collections.deque[HeldKeeper]) -> None:
         self.name = keeper.name
@@ -46,11 +53,23 @@ class HeldKeeper:
         #: ``unwrap()`` let it go: its collection is nobody's business any more.
         self.released = False
         self.dropped = dropped
+        #: The keeper itself while a runner pins the registry (see the module docstring), else None.
+        self.pinned: Keeper | None = None
         self.ref = weakref.ref(keeper, self._collected)
         keeper.on_closed = self._mark_closed
 
+    def pin(self) -> None:
+        """Hold the keeper strongly until it closes (or :meth:`unpin`); a closed one is not pinned."""
+        if not self.closed:
+            self.pinned = self.ref()
+
+    def unpin(self) -> None:
+        """Hold the keeper weakly again."""
+        self.pinned = None
+
     def _mark_closed(self) -> None:
         self.closed = True
+        self.pinned = None  # a closed keeper keeps nothing alive
 
     def _collected(self, _ref: weakref.ref[Keeper]) -> None:
         # A garbage-collector callback: no lock is taken here (the thread it interrupts may hold

@@ -132,6 +132,8 @@ class Registry:
         self._items: dict[str, Item | HeldKeeper] = {}
         # Entries of keepers collected since, removed under the lock on the registry's next use.
         self._dropped: collections.deque[HeldKeeper] = collections.deque()
+        # How many runners pin the keepers (run(), the FastAPI lifespan): see poolkeeper._held.
+        self._pins = 0
         # The next free suffix per default name ("redis" -> 3: "redis-3"), so wrap() stays O(1).
         self._name_counters: dict[str, int] = {}
         self._draining = False
@@ -303,7 +305,9 @@ class Registry:
                 leak_threshold=threshold,
             )
             driver.attach(keeper)  # raises, having undone itself, if the resource cannot be guarded
-            self._items[name] = HeldKeeper(keeper, self._dropped)
+            held = self._items[name] = HeldKeeper(keeper, self._dropped)
+            if self._pins:
+                held.pin()
             self._remember(managed, keeper)
         _exit.track(self)
         logger.debug("poolkeeper: wrapped %s as %r", type(resource).__name__, name, extra={"poolkeeper_keeper": name})
@@ -497,6 +501,29 @@ class Registry:
             return False
         self._draining = True
         return True
+
+    def _pin(self) -> None:
+        """Hold every open keeper, and each one wrapped from now on, strongly (see poolkeeper._held).
+
+        For a runner that owns the process's lifetime and closes the registry at its end: an
+        object wrapped inside ``main`` and dropped when ``main`` ends is still there to close.
+        Each :meth:`_pin` is undone by one :meth:`_unpin`.
+        """
+        with self._lock:
+            self._purge()
+            self._pins += 1
+            for item in self._items.values():
+                if isinstance(item, HeldKeeper):
+                    item.pin()
+
+    def _unpin(self) -> None:
+        """Undo one :meth:`_pin`; after the last, keepers are held weakly again."""
+        with self._lock:
+            self._pins -= 1
+            if not self._pins:
+                for item in self._items.values():
+                    if isinstance(item, HeldKeeper):
+                        item.unpin()
 
     def _refuse_from_own_hook(self, method: str) -> None:
         running = running_hook.get()

@@ -131,7 +131,7 @@ class ShutdownReport:
             )
             for item in self.items
         ]
-        widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(headers)]
+        widths = [max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)]
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)).rstrip()
@@ -143,6 +143,8 @@ class ShutdownReport:
             line(tuple("-" * w for w in widths)),
         ]
         out.extend(line(row) for row in rows)
+        if not rows:
+            out.append("(nothing to close)")
         leaks = [leak for item in self.items for leak in item.leaks]
         if leaks:
             out.append("")

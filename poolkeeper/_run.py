@@ -279,8 +279,11 @@ def run(
         )
     elif wanted:
         interceptor.install()
+    # What main wraps is closed at its end even if main dropped it (poolkeeper._held).
+    checked._pin()  # noqa: SLF001 -- poolkeeper-internal
     try:
         return asyncio.run(_supervise(main, checked, seconds, stopper))
     finally:
+        checked._unpin()  # noqa: SLF001 -- poolkeeper-internal
         interceptor.uninstall()
         stopper.budget.stop()

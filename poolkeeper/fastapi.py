@@ -111,18 +111,26 @@ def lifespan(
         handlers = _install_handlers(
             chosen, delay, grace if grace_period is not None else grace_period_or_default(None), delay_on_sigint
         )
+        pinned = False
         try:
             state: dict[str, Any] = {"poolkeeper_registry": chosen}
             if setup is None:
                 yield state
             else:
                 async with setup(app) as own_state:
-                    yield {**state, **(own_state or {})}
+                    try:
+                        yield {**state, **(own_state or {})}
+                    finally:
+                        # Before the app's own teardown drops what it wrapped (poolkeeper._held).
+                        chosen._pin()  # noqa: SLF001 -- poolkeeper-internal
+                        pinned = True
         finally:
             bounded = close_deadline if handlers is None else handlers.close_deadline(close_deadline)
             try:
                 report = await chosen.aclose(bounded)
             finally:
+                if pinned:
+                    chosen._unpin()  # noqa: SLF001 -- poolkeeper-internal
                 if handlers is not None:
                     handlers.uninstall()
             logger.info("poolkeeper: application shutdown closed the registry (ok=%s)", report.ok)

@@ -368,7 +368,7 @@ def test_wrapping_a_builtin_type_reads_no_entry_points(tmp_path):
         original = _registration._entry_points
         _registration._entry_points = lambda: reads.append(1) or original()
         registry = poolkeeper.Registry()
-        registry.wrap(sa.create_engine("sqlite://"), name="db")
+        engine = registry.wrap(sa.create_engine("sqlite://"), name="db")
         report = registry.close()
         print(json.dumps({"reads": len(reads), "kind": registry["db"].kind, "ok": report.ok}))
     """

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import weakref
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,6 +17,7 @@ from starlette.routing import Mount
 
 from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
 from poolkeeper.fastapi import health_router, health_routes, lifespan
+from tests.conftest import sqlalchemy_url
 
 PASSWORD = "pk-health-s3cret"
 
@@ -47,6 +50,37 @@ def test_lifespan_closes_the_registry_after_the_apps_own_teardown(make_engine):
     assert registry["db"].state is KeeperState.CLOSED
     with pytest.raises(PoolClosedError):
         engine.connect()
+
+
+def test_an_engine_the_apps_own_lifespan_wraps_and_drops_is_still_closed(pg_url, application_name, server):
+    """An engine local to the app's lifespan, dropped by its teardown, is closed and reported.
+
+    The engine and its keeper reference each other; once dropped, only the collector frees them.
+    Here it runs at the end of the app's teardown, before the registry closes.
+    """
+    registry = Registry()
+    engines: list[weakref.ref[object]] = []
+
+    @contextlib.asynccontextmanager
+    async def setup(app: FastAPI) -> AsyncIterator[None]:  # noqa: ARG001 -- the lifespan signature
+        engine = registry.wrap(
+            sa.create_engine(sqlalchemy_url(pg_url, "psycopg"), connect_args={"application_name": application_name}),
+            name="db",
+        )
+        engines.append(weakref.ref(engine))
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+        yield
+        del engine, connection
+        gc.collect()
+
+    with TestClient(FastAPI(lifespan=lifespan(registry, setup=setup))):
+        assert server.settle(lambda: len(server.backends()) == 1)  # the pool's idle connection
+    assert registry.report is not None
+    assert registry.report["db"].outcome == "clean"
+    assert server.settle(lambda: not server.backends())
+    gc.collect()
+    assert engines[0]() is None  # closed, the keeper no longer keeps it
 
 
 def test_startup_fails_on_an_unknown_dependency():

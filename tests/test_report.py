@@ -119,6 +119,17 @@ def test_a_report_with_nothing_forced_keeps_its_columns():
     ]
 
 
+def test_a_registry_with_nothing_registered_closes_with_a_printable_report():
+    """An empty registry (nothing wrapped, or everything collected) still gives a printable report, ok."""
+    report = Registry().close()
+    assert report.ok
+    assert report.items == ()
+    lines = str(report).splitlines()
+    assert lines[0].startswith("poolkeeper shutdown ok in ")
+    assert lines[1].split()[:3] == ["name", "kind", "outcome"]
+    assert lines[3:] == ["(nothing to close)"]
+
+
 @pytest.mark.parametrize("cause", ["drain_timeout", "deadline", "force_close", "budget"])
 def test_the_report_says_what_forced_a_borrowed_connection_closed(make_engine, cause):
     """A connection held on PostgreSQL past the drain is force-closed; the report names the cause and borrow site."""
@@ -163,7 +174,8 @@ def test_a_second_caller_gets_the_report_only_once_it_is_logged():
     the shutdown (a daemon thread, killed by that exit), the report must be logged by then.
     """
     registry = Registry()
-    registry.wrap(sa.create_engine("sqlite://"), name="db")
+    engine = sa.create_engine("sqlite://")  # held: a dropped engine is collected, and its keeper unlisted
+    registry.wrap(engine, name="db")
     logging_report = threading.Event()
     release = threading.Event()
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import psycopg_pool
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -83,8 +87,13 @@ def test_main_raising_gives_exit_code_1_and_the_registry_still_closes(spawn):
 
 
 def test_run_returns_0_and_closes_async_keepers_on_mains_loop(pg_url, application_name, server):
-    """run() closes main's AsyncEngine on the loop it lives on: no backend is left."""
+    """run() closes main's AsyncEngine on the loop it lives on, even once main dropped it: no backend is left.
+
+    The engine, local to main, and its keeper reference each other; once main has ended, only the
+    collector frees them. Here it runs in the gap between main's end and the registry's close.
+    """
     registry = Registry()
+    engines: list[weakref.ref[object]] = []
 
     async def main() -> None:
         engine = registry.wrap(
@@ -94,14 +103,40 @@ def test_run_returns_0_and_closes_async_keepers_on_mains_loop(pg_url, applicatio
             ),
             name="db",
         )
+        engines.append(weakref.ref(engine))
         async with engine.connect() as connection:
             assert (await connection.execute(sa.text("select 1"))).scalar() == 1
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(lambda _: gc.collect())  # main's frame is gone by then
 
     assert poolkeeper.run(main, registry=registry, signals=()) == 0
-    assert registry["db"].state is KeeperState.CLOSED
     assert registry.report is not None
     assert registry.report.ok
+    assert registry.report["db"].outcome == "clean"
+    assert registry["db"].state is KeeperState.CLOSED
     assert server.settle(lambda: not server.backends())
+    gc.collect()
+    assert engines[0]() is None  # closed, its registry no longer keeps it
+
+
+def test_run_lets_go_of_what_main_unwraps_or_closes(pg_url):
+    """What run() holds while main runs still goes once unwrapped, or closed by the library's own close."""
+    registry = Registry()
+
+    async def main() -> None:
+        engine = registry.wrap(sa.create_engine("sqlite://"), name="unwrapped")
+        registry.unwrap(engine)
+        pool = registry.wrap(psycopg_pool.AsyncConnectionPool(pg_url, min_size=1, open=False), name="closed")
+        await pool.open()
+        await pool.close()  # the library's own close closes the keeper too
+        refs: list[weakref.ref[Any]] = [weakref.ref(engine), weakref.ref(pool), weakref.ref(registry["closed"])]
+        del engine, pool
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None, None]
+
+    assert poolkeeper.run(main, registry=registry, signals=()) == 0
+    assert list(registry) == []
 
 
 def test_a_report_that_is_not_ok_gives_exit_code_1():
