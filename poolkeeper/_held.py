@@ -15,12 +15,12 @@ to the library's own finalizers.
 A borrowed connection keeps its pool, and so its keeper, alive: a keeper is only ever collected
 with nothing borrowed.
 
-A runner that owns the process's lifetime (``poolkeeper.run()`` while ``main`` runs, the FastAPI
-lifespan once shutdown begins) *pins* the registry's keepers: each entry then also holds its keeper
-strongly until the keeper closes or is unwrapped. An object wrapped inside ``main`` (or inside the
-app's own lifespan) is dropped when ``main`` ends (or when that lifespan's teardown runs), and lives
-on only in a reference cycle with its keeper: the collector could free it just before the registry
-closes, and the close would miss it. Pinned, it is closed like the rest.
+A runner that closes the registry at its end (``poolkeeper.run()`` while ``main`` runs, the
+FastAPI lifespan once shutdown begins, the pytest fixture's registry for its test) *pins* the
+registry's keepers: each entry then also holds its keeper strongly until the keeper closes or is
+unwrapped. An object wrapped inside ``main`` (the app's own lifespan, the test) is dropped when
+that ends, and lives on only in a reference cycle with its keeper: the collector could free it
+just before the registry closes, and the close would miss it. Pinned, it is closed like the rest.
 """
 
 from __future__ import annotations

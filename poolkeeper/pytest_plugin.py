@@ -483,7 +483,11 @@ def _warning_location(leak: _Leak, item: pytest.Item) -> tuple[str, int]:
 
 
 def _new_registry() -> Registry:
-    return Registry(track_borrowers=True)
+    registry = Registry(track_borrowers=True)
+    # An engine local to the test is dropped when the test returns, before this registry's
+    # teardown closes it: held until then (until it closes), the close still finds it.
+    registry._pin()  # noqa: SLF001 -- poolkeeper-internal
+    return registry
 
 
 def _before_close(request: pytest.FixtureRequest, registry: Registry) -> bool:
