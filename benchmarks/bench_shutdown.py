@@ -745,7 +745,7 @@ async def _force_postgres(pg: Postgres, room: str) -> list[Result]:
                 f"force-close {count} borrowed {library} connections{scaled} (each running pg_sleep)",
                 runs,
                 f" backends in pg_stat_activity, the last gone {statistics.median(run[4] for run in runs):.0f} ms"
-                f" after {call} began (statements cancelled, then connections closed); {why}{trend}",
+                f" after {call} began (statements cancelled, connections closed); {why}{trend}",
                 call,
             )
         )

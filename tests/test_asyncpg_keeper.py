@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -502,9 +503,8 @@ async def test_a_pool_whose_loop_is_not_running_is_still_force_closed_on_the_ser
     assert isinstance(error, (asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError))
 
 
-async def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_pool, server: Server):
-    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
-    pool = await make_pool(min_size=1, max_size=12)
+async def a_dozen_in_pg_sleep(pool: asyncpg.Pool, server: Server) -> tuple[Registry, list[asyncio.Task[None]]]:
+    """``pool`` wrapped (drain_timeout 0.2 s) and twelve borrowers of it, each in ``pg_sleep`` on the server."""
     registry = Registry(drain_timeout=0.2)
     registry.wrap(pool, name="pg")
 
@@ -512,8 +512,14 @@ async def test_many_borrowed_connections_are_cancelled_on_the_server_together(ma
         async with pool.acquire() as connection:
             await connection.execute("select pg_sleep(60)")
 
-    borrowers = [asyncio.ensure_future(sleeper()) for _ in range(12)]
+    borrowers = [asyncio.create_task(sleeper()) for _ in range(12)]
     await auntil(lambda: len(server.running("pg_sleep")) == 12)
+    return registry, borrowers
+
+
+async def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_pool, server: Server):
+    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
+    registry, borrowers = await a_dozen_in_pg_sleep(await make_pool(min_size=1, max_size=12), server)
     started = time.monotonic()
     report = await registry.aclose()
     results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
@@ -521,5 +527,38 @@ async def test_many_borrowed_connections_are_cancelled_on_the_server_together(ma
     assert time.monotonic() - started < 1.5
     assert all(isinstance(result, Exception) for result in results)
     assert report["pg"].forced == 12
+    assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
+    assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+async def test_when_the_one_cancel_query_is_refused_a_cancel_request_each_still_stops_every_statement(
+    make_pool, pg_url, application_name, server: Server
+):
+    """The connections are cut before the one pg_cancel_backend query; refused, cancel requests (backend keys) follow.
+
+    Every connection of this pool, the side one too, runs as a role that may not signal the
+    backends of the superuser who logged in: the query fails with "permission denied".
+    """
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("do $$ begin create role poolkeeper_no_signal; exception when duplicate_object then null; end $$")
+
+    async def as_a_role_that_may_not_signal(connection: asyncpg.Connection) -> None:
+        await connection.execute("set role poolkeeper_no_signal")
+
+    pool = await make_pool(min_size=1, max_size=12, init=as_a_role_that_may_not_signal)
+    side = await pool._get_new_connection()  # what the force-close does: the query is refused
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # this pool's own idle connection
+        await side.fetch(
+            "select pg_cancel_backend(pid) from pg_stat_activity where application_name = $1 "
+            "and pid <> pg_backend_pid()",
+            application_name,
+        )
+    await side.close()
+    registry, borrowers = await a_dozen_in_pg_sleep(pool, server)
+    report = await registry.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
+
+    assert all(isinstance(result, asyncpg.ConnectionDoesNotExistError) for result in results), results
+    assert (report["pg"].outcome, report["pg"].forced, report["pg"].error) == ("forced", 12, None)
     assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
     assert server.settle(lambda: server.backends() == []), server.backends()

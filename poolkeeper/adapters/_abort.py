@@ -36,6 +36,7 @@ __all__ = [
     "cancel_psycopg_in_one_query",
     "cancel_statement",
     "cancel_statements",
+    "confirm_cancels",
     "say_goodbye",
     "shutdown_socket",
     "socket_fd",
@@ -198,7 +199,21 @@ async def cancel_statements(connections: Sequence[Any], wait: float | None) -> N
     Raises:
         CancelNotConfirmedError: a cancel request failed or got no answer within ``wait``.
     """
-    cancels = [asyncio.ensure_future(cancel_statement(connection, wait or 30.0)) for connection in connections]
+    cancels: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(cancel_statement(connection, wait or 30.0)) for connection in connections
+    ]
+    await confirm_cancels(cancels, wait)
+
+
+async def confirm_cancels(cancels: list[asyncio.Future[Any]], wait: float | None) -> None:
+    """Wait up to ``wait`` seconds for cancel requests already sent; abandon what is left.
+
+    ``cancels`` is emptied: a raised error's traceback holds the callers' frames, which must not
+    keep the requests (their errors hold the cancel connections' sockets) alive.
+
+    Raises:
+        CancelNotConfirmedError: a cancel request failed or got no answer within ``wait``.
+    """
     if not cancels:
         return
     try:

@@ -41,7 +41,14 @@ from poolkeeper._keeper import KeeperState
 from poolkeeper._redact import redact, secret_values
 from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
-from poolkeeper.adapters._abort import BATCH_CANCEL_FROM, MAX_CANCEL_WAIT, cancel_statements, shutdown_socket, socket_fd
+from poolkeeper.adapters._abort import (
+    BATCH_CANCEL_FROM,
+    MAX_CANCEL_WAIT,
+    cancel_statements,
+    confirm_cancels,
+    shutdown_socket,
+    socket_fd,
+)
 from poolkeeper.adapters._base import Driver, log_own_close, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
@@ -267,42 +274,42 @@ def _open_connections(holders: Iterable[Any]) -> list[Any]:
     return [holder._con for holder in holders if holder.is_connected()]  # noqa: SLF001
 
 
-async def _cancel_in_one_query(pool: Any, connections: Sequence[Any], wait: float) -> bool:
-    """Cancel every connection's statement with one ``pg_cancel_backend`` query on a side connection.
+async def _side_connection(pool: Any, wait: float) -> Any:
+    """A connection of the pool's own making, outside the pool, for one ``pg_cancel_backend`` query; None on failure.
 
     A cancel request is a connection of its own to the server (a postmaster fork each): two
     hundred of them take about 300 ms, one query takes a few. Any failure (no free connection
-    slot, a role not allowed to signal) answers False and the caller sends cancel requests.
+    slot, say) answers None and the caller sends cancel requests.
     """
-    pids = [connection.get_server_pid() for connection in connections]
     try:
-        side = await asyncio.wait_for(pool._get_new_connection(), wait)  # noqa: SLF001 -- the pool's own way to connect
+        return await asyncio.wait_for(pool._get_new_connection(), wait)  # noqa: SLF001 -- the pool's own way to connect
     except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
-        return False
+        return None
+
+
+async def _cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> bool:
+    """Cancel the statements of the backends ``pids`` with one query on ``side``; False on any failure.
+
+    A role not allowed to signal those backends, or a query that does not answer within ``wait``.
+    """
     try:
         await asyncio.wait_for(side.fetch("select pg_cancel_backend(pid) from unnest($1::int[]) as pid", pids), wait)
     except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
         return False
-    else:
-        return True
-    finally:
-        side.terminate()
+    return True
 
 
-async def _cancel_statements(connections: Sequence[Any], timeout: float, pool: Any = None) -> None:
-    """Ask the server to cancel what each connection runs; a failed or slow cancel is abandoned.
+def _cancel_wait(timeout: float) -> float:
+    return max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
+
+
+async def _cancel_statements(connections: Sequence[Any], timeout: float) -> None:
+    """Ask the server to cancel what each connection runs, a request each; a failed or slow cancel is abandoned.
 
     Raises:
         CancelNotConfirmedError: some cancel was abandoned (the caller cuts the connections anyway).
     """
-    wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
-    if (
-        pool is not None
-        and len(connections) >= BATCH_CANCEL_FROM
-        and await _cancel_in_one_query(pool, connections, wait)
-    ):
-        return
-    await cancel_statements(connections, wait)
+    await cancel_statements(connections, _cancel_wait(timeout))
 
 
 def _cancel_later(connection: Any) -> CancelRequest:
@@ -525,15 +532,38 @@ class AsyncpgDriver(Driver):
     async def _cancel_then_terminate(self, holders: Sequence[Any], timeout: float) -> None:
         connections = _open_connections(holders)
         releases = [connection._pool_release_ctr for connection in connections]  # noqa: SLF001
+        wait = _cancel_wait(timeout)
+        side = await _side_connection(self.pool, wait) if len(connections) >= BATCH_CANCEL_FROM else None
+        if side is None:
+            try:
+                await _cancel_statements(connections, timeout)
+            finally:  # cancelled while the cancel requests wait on a silent server: terminate anyway
+                self._terminate_borrowed(connections, releases)
+            return
+        # Many connections, and a side connection to cancel them all by backend pid: terminate
+        # first. Every borrower is woken at once, not after the server has answered the cancel
+        # and hundreds of backends have exited; the backends, whose clients are gone, stop at
+        # the cancel and exit. The keys are read before terminating drops them: should the one
+        # query fail, a cancel request each still reaches the server.
+        pids = [connection.get_server_pid() for connection in connections]
+        requests = [_cancel_later(connection) for connection in connections]
         try:
-            await _cancel_statements(connections, timeout, self.pool)
-        finally:  # cancelled while the cancel requests wait on a silent server: terminate anyway
-            for connection, released in zip(connections, releases, strict=True):
-                # A borrower whose statement was just cancelled may be giving the connection back
-                # already: terminated under Pool.release(), its release would fail with asyncpg's
-                # InternalClientError. close_connections() waits a moment for those releases.
-                if connection._pool_release_ctr == released:  # noqa: SLF001
-                    connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError
+            self._terminate_borrowed(connections, releases)
+            if await _cancel_by_pid(side, pids, wait):
+                return
+        finally:
+            side.terminate()
+        loop = asyncio.get_running_loop()
+        await confirm_cancels([asyncio.ensure_future(request(loop=loop)) for request in requests], wait)
+
+    @staticmethod
+    def _terminate_borrowed(connections: Sequence[Any], releases: Sequence[int]) -> None:
+        for connection, released in zip(connections, releases, strict=True):
+            # A borrower may be giving the connection back already (its statement ended, or was
+            # just cancelled): terminated under Pool.release(), its release would fail with
+            # asyncpg's InternalClientError. close_connections() waits a moment for those releases.
+            if connection._pool_release_ctr == released:  # noqa: SLF001
+                connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError
 
     async def close_connections(self) -> None:
         """Close every connection and leave the pool closed in asyncpg too.
