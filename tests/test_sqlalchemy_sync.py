@@ -9,12 +9,13 @@ import threading
 import time
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
 import poolkeeper
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.conftest import Server
+from tests.conftest import Server, sqlalchemy_url
 from tests.waiting import until
 
 
@@ -363,9 +364,8 @@ def test_default_registry_and_module_level_wrap(make_engine, monkeypatch):
     fresh.close()
 
 
-def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_engine, server: Server):
-    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
-    engine = make_engine(pool_size=12, max_overflow=0)
+def a_dozen_in_pg_sleep(engine: sa.Engine, server: Server) -> tuple[Registry, list[Borrower]]:
+    """``engine`` wrapped (drain_timeout 0.2 s) and twelve borrowing threads, each in ``pg_sleep`` on the server."""
     registry = Registry(drain_timeout=0.2)
     registry.wrap(engine, name="db")
     borrowers = [Borrower(engine, "select pg_sleep(60)") for _ in range(12)]
@@ -373,7 +373,12 @@ def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_eng
         borrower.start()
         assert borrower.checked_out.wait(5)
     assert server.settle(lambda: len(server.running("pg_sleep")) == 12)
+    return registry, borrowers
 
+
+def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_engine, server: Server):
+    """Force-closing a dozen busy connections (one pg_cancel_backend query) leaves no backend running its query."""
+    registry, borrowers = a_dozen_in_pg_sleep(make_engine(pool_size=12, max_overflow=0), server)
     started = time.monotonic()
     report = registry.close()
     for borrower in borrowers:
@@ -387,6 +392,47 @@ def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_eng
     # next interrupt check, moments after close() returned (see docs/lifecycle.md).
     assert server.settle(lambda: server.running("pg_sleep") == []), "the cancel (a signal) never ended the query"
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+def test_a_role_that_may_not_signal_the_borrowers_gets_their_statements_cancelled_a_request_each(
+    pg_url, application_name, server: Server
+):
+    """The one pg_cancel_backend query is refused for this role: cancel requests (backend keys) stop every statement.
+
+    Every connection logs in as the superuser and then acts as a role that may not signal the
+    superuser's backends. psycopg 3.1 has no cancel that is safe to send (see _abort), so there
+    the report says the cancel was not confirmed instead.
+    """
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("do $$ begin create role poolkeeper_no_signal; exception when duplicate_object then null; end $$")
+    engine = sa.create_engine(
+        sqlalchemy_url(pg_url, "psycopg"),
+        connect_args={"application_name": application_name, "options": "-c role=poolkeeper_no_signal"},
+        pool_size=12,
+        max_overflow=0,
+    )
+    try:
+        with engine.connect() as connection, pytest.raises(sa.exc.ProgrammingError) as refused:
+            connection.execute(  # its own backend only: the role may not signal the superuser's
+                sa.text("select pg_cancel_backend(pg_backend_pid())")
+            )
+        assert isinstance(refused.value.orig, psycopg.errors.InsufficientPrivilege)
+        registry, borrowers = a_dozen_in_pg_sleep(engine, server)
+        report = registry.close()
+        for borrower in borrowers:
+            borrower.join(5)
+
+        assert all(borrower.error is not None for borrower in borrowers)
+        assert report["db"].forced == 12
+        if hasattr(psycopg.Connection, "cancel_safe"):  # psycopg 3.2+
+            assert (report["db"].outcome, report["db"].error) == ("forced", None)
+            assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
+        else:
+            assert report["db"].outcome == "failed"
+            assert "did not confirm the cancel of 12 of 12" in (report["db"].error or "")
+    finally:
+        engine.dispose()
+        server.terminate_all()
 
 
 def test_an_in_memory_sqlite_engine_is_really_closed(caplog):
