@@ -33,10 +33,12 @@ __all__ = [
     "MAX_CANCEL_WAIT",
     "BlockingCancelRefusedError",
     "CancelNotConfirmedError",
+    "cancel_by_pid",
     "cancel_psycopg_in_one_query",
     "cancel_statement",
     "cancel_statements",
     "confirm_cancels",
+    "psycopg_side_that_may_cancel",
     "say_goodbye",
     "shutdown_socket",
     "socket_fd",
@@ -156,11 +158,7 @@ async def cancel_psycopg_in_one_query(connections: Sequence[Any], wait: float) -
     """
     import psycopg  # noqa: PLC0415 -- loaded already: it made `connections`
 
-    first = connections[0]
-    password = first.pgconn.password
-    conninfo = psycopg.conninfo.make_conninfo(
-        first.info.dsn, **({} if password is None else {"password": password.decode()})
-    )
+    conninfo = _psycopg_conninfo(connections[0])
     pids = [connection.info.backend_pid for connection in connections]
 
     async def cancel_all() -> None:
@@ -173,12 +171,68 @@ async def cancel_psycopg_in_one_query(connections: Sequence[Any], wait: float) -
     try:
         await asyncio.wait_for(cancel_all(), wait)
     except Exception as error:  # noqa: BLE001 -- every failure is the same news: not confirmed
-        timed_out = isinstance(error, asyncio.TimeoutError)
-        reason = f"no answer within {wait:.3g}s" if timed_out else f"{type(error).__name__}: {error}"
-        raise CancelNotConfirmedError(
-            f"the server did not confirm the cancel of {len(pids)} of {len(pids)} running statement(s) "
-            f"({reason}); they may still be running on the server"
-        ) from None
+        raise _none_confirmed(len(pids), error, wait) from None
+
+
+def _none_confirmed(count: int, error: Exception, wait: float) -> CancelNotConfirmedError:
+    """The error for a one-query cancel of ``count`` statements that failed with ``error`` (or timed out)."""
+    timed_out = isinstance(error, asyncio.TimeoutError)
+    reason = f"no answer within {wait:.3g}s" if timed_out else f"{type(error).__name__}: {error}"
+    return CancelNotConfirmedError(
+        f"the server did not confirm the cancel of {count} of {count} running statement(s) "
+        f"({reason}); they may still be running on the server"
+    )
+
+
+def _psycopg_conninfo(connection: Any) -> str:
+    """A psycopg connection's own parameters (``info.dsn``), with the password it authenticated with."""
+    import psycopg  # noqa: PLC0415 -- loaded already: it made `connection`
+
+    password = connection.pgconn.password
+    return psycopg.conninfo.make_conninfo(
+        connection.info.dsn, **({} if password is None else {"password": password.decode()})
+    )
+
+
+async def psycopg_side_that_may_cancel(first: Any, wait: float) -> Any:
+    """An async side connection whose role may cancel ``first``'s statement (it just did), or None.
+
+    Made from ``first``'s own parameters on the running loop and bounded by ``wait``: against a
+    silent server it is cancelled, which closes its socket, so no thread or socket outlives the
+    call. None (the caller sends a cancel request each) when it cannot be had in time, or when its
+    role may not signal ``first``'s backend, which it tries by cancelling that one statement.
+    """
+    import psycopg  # noqa: PLC0415 -- loaded already: it made `first`
+
+    async def open_and_try() -> Any:
+        side = await psycopg.AsyncConnection.connect(_psycopg_conninfo(first), autocommit=True)
+        try:
+            await side.execute("select pg_cancel_backend(%s)", (first.info.backend_pid,))
+        except BaseException:
+            await side.close()
+            raise
+        return side
+
+    try:
+        return await asyncio.wait_for(open_and_try(), wait)
+    except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
+        return None
+
+
+async def cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> None:
+    """Cancel the statements of the backends ``pids`` with one query on the async psycopg ``side``, then close it.
+
+    Raises:
+        CancelNotConfirmedError: the query failed or did not answer within ``wait``.
+    """
+    try:
+        await asyncio.wait_for(
+            side.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (list(pids),)), wait
+        )
+    except Exception as error:  # noqa: BLE001 -- every failure is the same news: not confirmed
+        raise _none_confirmed(len(pids), error, wait) from None
+    finally:
+        await side.close()
 
 
 class CancelNotConfirmedError(Exception):

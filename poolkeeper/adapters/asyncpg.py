@@ -30,6 +30,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -533,10 +534,18 @@ class AsyncpgDriver(Driver):
         connections = _open_connections(holders)
         releases = [connection._pool_release_ctr for connection in connections]  # noqa: SLF001
         wait = _cancel_wait(timeout)
-        side = await _side_connection(self.pool, wait) if len(connections) >= BATCH_CANCEL_FROM else None
+        # The side connection gets half the cancel wait; the query, or the cancel requests when
+        # there is no side connection, get the rest: both fit in the one wait.
+        until = time.monotonic() + wait
+        try:
+            side = await _side_connection(self.pool, wait / 2) if len(connections) >= BATCH_CANCEL_FROM else None
+        except BaseException:  # cancelled while connecting (the deadline): terminate anyway
+            self._terminate_borrowed(connections, releases)
+            raise
+        wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())
         if side is None:
             try:
-                await _cancel_statements(connections, timeout)
+                await cancel_statements(connections, wait)
             finally:  # cancelled while the cancel requests wait on a silent server: terminate anyway
                 self._terminate_borrowed(connections, releases)
             return
@@ -554,6 +563,7 @@ class AsyncpgDriver(Driver):
         finally:
             side.terminate()
         loop = asyncio.get_running_loop()
+        wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())
         await confirm_cancels([asyncio.ensure_future(request(loop=loop)) for request in requests], wait)
 
     @staticmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +31,10 @@ from poolkeeper._redact import is_secret_key, secret_values
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
-    CancelNotConfirmedError,
+    cancel_by_pid,
     cancel_psycopg_in_one_query,
     cancel_statements,
+    psycopg_side_that_may_cancel,
     say_goodbye,
     shutdown_socket,
     socket_fd,
@@ -397,43 +399,28 @@ class SQLAlchemyDriver(Driver):
                 self._cut(connections)
             return
         if len(connections) >= BATCH_CANCEL_FROM and not self.is_async and wait > 0 and _all_psycopg(connections):
-            opening = run_blocking(lambda: self._side_that_may_cancel(connections[0]), name="poolkeeper-pg-cancel")
-            await asyncio.wait((opening,), timeout=wait)
-            if opening.done() and not opening.cancelled() and (side := opening.result()) is not None:
-                await self._cut_then_cancel(side, connections, wait)
+            # The side connection gets half the cancel wait; the query, or the cancel requests
+            # when there is no side connection, get the rest: both fit in the one wait.
+            until = time.monotonic() + wait
+            try:
+                side = await psycopg_side_that_may_cancel(connections[0], wait / 2)
+            except BaseException:  # cancelled while connecting (the deadline): cut anyway
+                self._cut(connections)
+                raise
+            wait = max(0.0, until - time.monotonic())
+            if side is not None:
+                # Cut first: every borrowing thread is woken at once, instead of after the server
+                # answered the cancel while hundreds of backends exit and hundreds of threads wake
+                # to its errors. The backends, their clients gone, stop at the cancel and exit.
+                pids = [connection.info.backend_pid for connection in connections]
+                self._cut(connections)
+                await cancel_by_pid(side, pids, wait)  # raises CancelNotConfirmedError (reported)
                 return
-            opening.add_done_callback(_close_side)  # opened too late: closed, never used
         try:
             # Raises CancelNotConfirmedError (reported) once the sockets below are cut anyway.
             await cancel_statements(connections, wait or None)
         finally:  # also when cancelled while the cancel requests wait on a silent server
             self._cut(connections)
-
-    async def _cut_then_cancel(self, side: Any, connections: Sequence[Any], wait: float) -> None:
-        """Cut every socket, then cancel the statements by backend pid with one query on ``side``.
-
-        Cut first: every borrowing thread is woken at once, instead of after the server answered
-        the cancel while hundreds of backends exit and hundreds of threads wake to its errors. The
-        backends, their clients gone, stop at the cancel and exit.
-
-        Raises:
-            CancelNotConfirmedError: the query failed or did not answer within ``wait``.
-        """
-        pids = [connection.info.backend_pid for connection in connections]
-        self._cut(connections)
-        cancelling = run_blocking(lambda: _cancel_by_pid(side, pids, wait), name="poolkeeper-pg-cancel")
-        await asyncio.wait((cancelling,), timeout=wait)
-        if not cancelling.done():
-            cancelling.add_done_callback(_retrieve)
-            reason = f"no answer within {wait:.3g}s"
-        elif (error := cancelling.exception()) is not None:
-            reason = f"{type(error).__name__}: {error}"
-        else:
-            return
-        raise CancelNotConfirmedError(
-            f"the server did not confirm the cancel of {len(pids)} of {len(pids)} running statement(s) "
-            f"({reason}); they may still be running on the server"
-        )
 
     @staticmethod
     def _cut(connections: Sequence[Any]) -> None:
@@ -478,27 +465,6 @@ class SQLAlchemyDriver(Driver):
         """A forced borrower gave its connection back after the sweep: close it too."""
         for pool in list(self.pools):
             self.close_idle_now(pool)
-
-    def _side_that_may_cancel(self, first: Any) -> Any:
-        """A side connection, made the engine's own way, whose role may cancel ``first``'s statement; else None.
-
-        One cancel request per statement is a server connection each (a postmaster fork each);
-        one ``pg_cancel_backend`` query on a side connection cancels them all. It is tried on
-        ``first`` before anything is cut: a role not allowed to signal the borrowers' backends
-        (or no free slot) answers None, and the caller sends cancel requests first, as for a few.
-        """
-        try:
-            side = self.engine.pool._invoke_creator(None)  # type: ignore[arg-type]  # noqa: SLF001 -- the engine's connect, no record
-        except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
-            return None
-        try:
-            cursor = side.cursor()
-            cursor.execute("select pg_cancel_backend(%s)", (first.info.backend_pid,))
-            cursor.close()
-        except Exception:  # noqa: BLE001 -- any failure means: fall back to cancel requests
-            side.close()
-            return None
-        return side
 
     def close_idle_now(self, pool: Pool) -> None:
         """Close the idle connections of ``pool`` in this thread (or greenlet)."""
@@ -556,28 +522,6 @@ class SQLAlchemyDriver(Driver):
 
 def _all_psycopg(connections: Sequence[Any]) -> bool:
     return all(type(connection).__module__.split(".")[0] == "psycopg" for connection in connections)
-
-
-def _cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> None:
-    """Cancel the statements of the backends ``pids`` with one query on ``side``, then close ``side``."""
-    try:
-        cursor = side.cursor()
-        cursor.execute(f"set statement_timeout = {max(1, int(wait * 1000))}")
-        cursor.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (list(pids),))
-    finally:
-        side.close()
-
-
-def _close_side(opening: asyncio.Future[Any]) -> None:
-    """Close a side connection that opened after the force-close had stopped waiting for it."""
-    if not opening.cancelled() and opening.exception() is None and opening.result() is not None:
-        opening.result().close()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # An abandoned call's outcome is seen, so asyncio does not log it as never retrieved.
-    if not future.cancelled():
-        future.exception()
 
 
 def _is_psycopg_31(connection: Any) -> bool:
