@@ -501,6 +501,17 @@ class Failures:
         return (max(self.at) - self.started) * 1e3 if self.at else float("nan")
 
 
+def collected_then_now() -> float:
+    """``time.perf_counter()`` once the garbage collector has run.
+
+    What the earlier measurements left (thousands of finished borrowers, their connections and
+    tasks) is collected now, not by a full collection in the middle of the next timed close: one
+    took 450 ms with the 300,000 objects three rounds of 5,000 redis.asyncio borrowers leave.
+    """
+    gc.collect()
+    return time.perf_counter()
+
+
 async def force_redis(side: RedisSide) -> tuple[float, float, int, int]:
     """(aclose seconds, last borrower error ms, forced, leftover clients) for REDIS_FORCED blocked BLPOPs."""
     name = unique_name("redis-forced")
@@ -525,7 +536,7 @@ async def force_redis(side: RedisSide) -> tuple[float, float, int, int]:
 
     if not await settle(all_blocked, 60.0):
         raise RuntimeError(f"not every BLPOP reached the server: {await side.clients(name)}")
-    failures.started = started = time.perf_counter()
+    failures.started = started = collected_then_now()
     report = await registry.aclose()
     elapsed = time.perf_counter() - started
     await asyncio.wait(tasks, timeout=5)
@@ -557,7 +568,7 @@ async def force_http(server: EndlessServer) -> tuple[float, float, int, int]:
     before = await server.open_connections()
     tasks = [asyncio.ensure_future(failures.watch(borrow())) for _ in range(HTTP_FORCED)]
     await until(lambda: reading == HTTP_FORCED, 60.0)
-    failures.started = started = time.perf_counter()
+    failures.started = started = collected_then_now()
     report = await registry.aclose()
     elapsed = time.perf_counter() - started
     await asyncio.wait(tasks, timeout=5)
@@ -637,7 +648,7 @@ async def _timed_pg_force(
 
     if not await settle(all_running, 60.0):
         raise RuntimeError(f"not every query reached the server: {await side.backends(name)}")
-    failures.started = started = time.perf_counter()
+    failures.started = started = collected_then_now()
     report = await close()
     elapsed = time.perf_counter() - started
     await asyncio.wait(borrowers, timeout=5)
