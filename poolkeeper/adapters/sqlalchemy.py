@@ -224,6 +224,8 @@ _GUARDS: dict[str, Callable[..., Any]] = {
 }
 _ASYNC_GUARDS = {**_GUARDS, "connect": _connect_async}
 _GUARD_ATTRIBUTES = ("_pk_driver", "_pk_keeper", *_GUARDS)
+# However late the side connection gave up, the cancel that follows gets at least this long.
+_MIN_CANCEL_WAIT = 0.05
 
 
 def _guard_pool(pool: Pool, driver: SQLAlchemyDriver) -> None:
@@ -407,7 +409,7 @@ class SQLAlchemyDriver(Driver):
             except BaseException:  # cancelled while connecting (the deadline): cut anyway
                 self._cut(connections)
                 raise
-            wait = max(0.0, until - time.monotonic())
+            wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())  # what is left, never nothing
             if side is not None:
                 # Cut first: every borrowing thread is woken at once, instead of after the server
                 # answered the cancel while hundreds of backends exit and hundreds of threads wake
