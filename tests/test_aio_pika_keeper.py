@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,19 @@ class Broker:
         declared = await self.channel.declare_queue(queue, passive=True)
         result = declared.declaration_result
         return result.message_count or 0, result.consumer_count or 0
+
+    async def settled(self, queue: str, expected: tuple[int, int], timeout: float = 5.0) -> tuple[int, int]:
+        """:meth:`counts` once they are ``expected``, or as they are after ``timeout`` seconds.
+
+        RabbitMQ forgets a closed channel's consumers asynchronously (the queue learns of the
+        channel's end after the close was confirmed), and offers no event for it: this polls.
+        """
+        end = time.monotonic() + timeout
+        while (counts := await self.counts(queue)) != expected:
+            if time.monotonic() > end:
+                break
+            await asyncio.sleep(0.01)
+        return counts
 
     async def drain(self, queue: str) -> list[AbstractIncomingMessage]:
         """Every message ready in ``queue``, acked, in order."""
@@ -173,7 +187,7 @@ async def test_handlers_finish_and_ack_while_draining(connect, broker):
     assert report["mq"].outcome == "clean"
     assert report["mq"].borrowed_at_start == 4
     assert sorted(acked) == [b"0", b"1", b"2", b"3"]
-    assert await broker.counts(name) == (0, 0)
+    assert await broker.settled(name, (0, 0)) == (0, 0)
 
 
 async def test_messages_waiting_and_arriving_later_are_all_borrowed_until_acked(connect, broker):
@@ -210,7 +224,7 @@ async def test_messages_waiting_and_arriving_later_are_all_borrowed_until_acked(
     assert sorted(acked) == sorted(
         [f"early-{i}".encode() for i in range(50)] + [f"late-{i}".encode() for i in range(50)]
     )
-    assert await broker.counts(name) == (0, 0)
+    assert await broker.settled(name, (0, 0)) == (0, 0)
 
 
 async def test_a_no_ack_message_is_a_borrow_until_its_handler_returns(connect, broker):
@@ -237,7 +251,7 @@ async def test_a_no_ack_message_is_a_borrow_until_its_handler_returns(connect, b
     report = await closing
     assert (report["mq"].outcome, report["mq"].returned, report["mq"].forced) == ("clean", 3, 0)
     assert sorted(handled) == [b"a", b"b", b"c"]
-    assert await broker.counts(name) == (0, 0)  # consumed for good: nothing was requeued
+    assert await broker.settled(name, (0, 0)) == (0, 0)  # consumed for good: nothing was requeued
 
 
 async def test_a_plain_function_callback_works_as_aio_pika_runs_it(connect, broker, caplog):
@@ -261,7 +275,7 @@ async def test_a_plain_function_callback_works_as_aio_pika_runs_it(connect, brok
     report = await registry.aclose()
     assert (report["mq"].outcome, report["mq"].borrowed_at_start) == ("clean", 0)
     assert handled == [b"a", b"b"]
-    assert await broker.counts(name) == (0, 0)
+    assert await broker.settled(name, (0, 0)) == (0, 0)
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
@@ -317,7 +331,7 @@ async def test_publishing_is_refused_once_closed(connect, broker):
     await registry.aclose()
     with pytest.raises(PoolClosedError, match="'mq' is closed"):
         await channel.default_exchange.publish(aio_pika.Message(b"late"), routing_key=name)
-    assert await broker.counts(name) == (0, 0)
+    assert await broker.settled(name, (0, 0)) == (0, 0)
 
 
 async def test_prefetched_messages_are_given_back_at_once(connect, broker):
@@ -345,11 +359,7 @@ async def test_prefetched_messages_are_given_back_at_once(connect, broker):
     assert await broker.counts(name) == (0, 1)
     closing = asyncio.ensure_future(registry.aclose())
     # While the handler still holds its message, the nine it never got are back in the queue.
-    for _ in range(250):
-        if (await broker.counts(name))[0] == 9:
-            break
-        await asyncio.sleep(0.02)
-    assert await broker.counts(name) == (9, 0)
+    assert await broker.settled(name, (9, 0)) == (9, 0)
     assert registry["mq"].state is KeeperState.DRAINING
     assert registry["mq"].borrowed == 1
     release.set()
@@ -399,8 +409,8 @@ async def test_an_idle_queue_iterator_loop_ends_when_closing_starts(connect, bro
     release.set()
     report = await closing
     assert (report["mq"].outcome, report["mq"].borrowed_at_start, report["mq"].forced) == ("clean", 1, 0)
-    assert await broker.counts(idle_name) == (0, 0)
-    assert await broker.counts(busy_name) == (0, 0)
+    assert await broker.settled(idle_name, (0, 0)) == (0, 0)
+    assert await broker.settled(busy_name, (0, 0)) == (0, 0)
 
 
 async def test_a_hanging_handler_is_cancelled_and_its_message_requeued(connect, broker):
@@ -498,7 +508,7 @@ async def test_connection_close_drains_like_the_registry(connect, broker):
     assert registry["mq"].state is KeeperState.CLOSED
     assert registry["mq"].close_report is not None
     assert registry["mq"].close_report.outcome == "clean"
-    assert await broker.counts(name) == (0, 0)
+    assert await broker.settled(name, (0, 0)) == (0, 0)
     report = await registry.aclose()
     assert report["mq"].outcome == "clean"
 
