@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from poolkeeper._concurrency import run_blocking
@@ -31,12 +32,15 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_CANCEL_FROM",
     "MAX_CANCEL_WAIT",
+    "MIN_CANCEL_WAIT",
     "BlockingCancelRefusedError",
     "CancelNotConfirmedError",
     "cancel_by_pid",
     "cancel_psycopg_in_one_query",
     "cancel_statement",
     "cancel_statements",
+    "cancel_time_left",
+    "cancel_wait",
     "confirm_cancels",
     "psycopg_side_that_may_cancel",
     "say_goodbye",
@@ -48,6 +52,10 @@ __all__ = [
 #: server that answers at all answers in milliseconds; one that does not must not hold the
 #: borrower for half the close timeout.
 MAX_CANCEL_WAIT = 0.5
+
+#: A cancel request is one short-lived connection to the server: milliseconds on a healthy
+#: network. Even with no time left, a cancel gets this long before the connections are cut anyway.
+MIN_CANCEL_WAIT = 0.05
 
 #: From this many statements to cancel on, one ``pg_cancel_backend`` query on a side connection
 #: beats a cancel request each (every cancel request is a server connection, a postmaster fork).
@@ -164,7 +172,7 @@ async def cancel_psycopg_in_one_query(connections: Sequence[Any], wait: float) -
     async def cancel_all() -> None:
         side = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         try:
-            await side.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (pids,))
+            await _cancel_pids(side, pids)
         finally:
             await side.close()
 
@@ -172,6 +180,21 @@ async def cancel_psycopg_in_one_query(connections: Sequence[Any], wait: float) -
         await asyncio.wait_for(cancel_all(), wait)
     except Exception as error:  # noqa: BLE001 -- every failure is the same news: not confirmed
         raise _none_confirmed(len(pids), error, wait) from None
+
+
+async def _cancel_pids(side: Any, pids: Sequence[int]) -> None:
+    """Cancel the statements of the backends ``pids`` with one query on the async psycopg connection ``side``."""
+    await side.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (list(pids),))
+
+
+def cancel_wait(timeout: float) -> float:
+    """How long a force-close with ``timeout`` seconds left waits for its cancels: half, within the bounds."""
+    return max(MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
+
+
+def cancel_time_left(until: float) -> float:
+    """The seconds a cancel has left until ``until`` (``time.monotonic()``), never less than MIN_CANCEL_WAIT."""
+    return max(MIN_CANCEL_WAIT, until - time.monotonic())
 
 
 def _none_confirmed(count: int, error: Exception, wait: float) -> CancelNotConfirmedError:
@@ -226,9 +249,7 @@ async def cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> None:
         CancelNotConfirmedError: the query failed or did not answer within ``wait``.
     """
     try:
-        await asyncio.wait_for(
-            side.execute("select pg_cancel_backend(pid) from unnest(%s::int[]) as pid", (list(pids),)), wait
-        )
+        await asyncio.wait_for(_cancel_pids(side, pids), wait)
     except Exception as error:  # noqa: BLE001 -- every failure is the same news: not confirmed
         raise _none_confirmed(len(pids), error, wait) from None
     finally:

@@ -44,8 +44,9 @@ from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
-    MAX_CANCEL_WAIT,
     cancel_statements,
+    cancel_time_left,
+    cancel_wait,
     confirm_cancels,
     shutdown_socket,
     socket_fd,
@@ -126,9 +127,6 @@ class AsyncpgPoolClosedError(PoolClosedError, asyncpg.InterfaceError):  # type: 
     """A checkout refused by a closing keeper; an ``asyncpg.InterfaceError``, as asyncpg's "pool is closed"."""
 
 
-# A cancel request is one short-lived connection to the server: milliseconds on a healthy
-# network. Even with no time left, it gets this long before the connection is cut anyway.
-_MIN_CANCEL_WAIT = 0.05
 # Pool.release() resets a connection (one round trip) before it is free. When closing, a
 # connection still being released gets this long before it is terminated anyway.
 _RELEASE_GRACE = 0.25
@@ -300,17 +298,13 @@ async def _cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> bool:
     return True
 
 
-def _cancel_wait(timeout: float) -> float:
-    return max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
-
-
 async def _cancel_statements(connections: Sequence[Any], timeout: float) -> None:
     """Ask the server to cancel what each connection runs, a request each; a failed or slow cancel is abandoned.
 
     Raises:
         CancelNotConfirmedError: some cancel was abandoned (the caller cuts the connections anyway).
     """
-    await cancel_statements(connections, _cancel_wait(timeout))
+    await cancel_statements(connections, cancel_wait(timeout))
 
 
 def _cancel_later(connection: Any) -> CancelRequest:
@@ -533,7 +527,7 @@ class AsyncpgDriver(Driver):
     async def _cancel_then_terminate(self, holders: Sequence[Any], timeout: float) -> None:
         connections = _open_connections(holders)
         releases = [connection._pool_release_ctr for connection in connections]  # noqa: SLF001
-        wait = _cancel_wait(timeout)
+        wait = cancel_wait(timeout)
         # The side connection gets half the cancel wait; the query, or the cancel requests when
         # there is no side connection, get the rest: both fit in the one wait.
         until = time.monotonic() + wait
@@ -542,7 +536,7 @@ class AsyncpgDriver(Driver):
         except BaseException:  # cancelled while connecting (the deadline): terminate anyway
             self._terminate_borrowed(connections, releases)
             raise
-        wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())
+        wait = cancel_time_left(until)
         if side is None:
             try:
                 await cancel_statements(connections, wait)
@@ -563,7 +557,7 @@ class AsyncpgDriver(Driver):
         finally:
             side.terminate()
         loop = asyncio.get_running_loop()
-        wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())
+        wait = cancel_time_left(until)
         await confirm_cancels([asyncio.ensure_future(request(loop=loop)) for request in requests], wait)
 
     @staticmethod

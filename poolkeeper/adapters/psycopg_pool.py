@@ -50,9 +50,9 @@ from poolkeeper._redact import secret_values
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
-    MAX_CANCEL_WAIT,
     CancelNotConfirmedError,
     cancel_statements,
+    cancel_wait,
     shutdown_socket,
     socket_fd,
 )
@@ -118,10 +118,6 @@ def _missing_names(pool: Any) -> list[str]:
 class PsycopgPoolClosedError(PoolClosedError, psycopg_pool.PoolClosed):
     """A checkout refused by a closing keeper; a ``psycopg_pool.PoolClosed``, as psycopg_pool's own after close."""
 
-
-# A cancel request is one short-lived connection to the server: milliseconds on a healthy
-# network. Even with no time left, it gets this long before the sockets are cut anyway.
-_MIN_CANCEL_WAIT = 0.05
 
 # psycopg 3.1 has no cancel_safe(): its cancel() is libpq's PQcancel, which holds the GIL while it
 # connects and waits, so against a silent server it freezes the whole process. There the
@@ -529,7 +525,7 @@ class PsycopgPoolDriver(Driver):
             self._forced.update(id(connection) for connection in connections)
         if not connections:
             return
-        wait = max(_MIN_CANCEL_WAIT, min(timeout / 2, MAX_CANCEL_WAIT))
+        wait = cancel_wait(timeout)
         try:
             to_cancel = connections
             if len(connections) >= BATCH_CANCEL_FROM or not _HAS_CANCEL_SAFE:

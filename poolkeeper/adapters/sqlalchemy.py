@@ -34,6 +34,7 @@ from poolkeeper.adapters._abort import (
     cancel_by_pid,
     cancel_psycopg_in_one_query,
     cancel_statements,
+    cancel_time_left,
     psycopg_side_that_may_cancel,
     say_goodbye,
     shutdown_socket,
@@ -224,8 +225,6 @@ _GUARDS: dict[str, Callable[..., Any]] = {
 }
 _ASYNC_GUARDS = {**_GUARDS, "connect": _connect_async}
 _GUARD_ATTRIBUTES = ("_pk_driver", "_pk_keeper", *_GUARDS)
-# However late the side connection gave up, the cancel that follows gets at least this long.
-_MIN_CANCEL_WAIT = 0.05
 
 
 def _guard_pool(pool: Pool, driver: SQLAlchemyDriver) -> None:
@@ -409,7 +408,7 @@ class SQLAlchemyDriver(Driver):
             except BaseException:  # cancelled while connecting (the deadline): cut anyway
                 self._cut(connections)
                 raise
-            wait = max(_MIN_CANCEL_WAIT, until - time.monotonic())  # what is left, never nothing
+            wait = cancel_time_left(until)  # what is left, never nothing
             if side is not None:
                 # Cut first: every borrowing thread is woken at once, instead of after the server
                 # answered the cancel while hundreds of backends exit and hundreds of threads wake
