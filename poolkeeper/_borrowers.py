@@ -398,13 +398,10 @@ def tracked_entry(holder: Any) -> Entry:
     frame: Any = _getframe(3)
     try:
         while _plumbing_modules[frame.f_globals["__name__"]]:
-            frame = frame.f_back
-            if frame is None:  # the end of a greenlet's stack: _capture goes on in its parent's
-                break
-        done = frame is not None and not _callers_at_checkout
-    except KeyError:  # a module not judged yet: _capture judges it
-        done = False
-    site = (frame.f_code, frame.f_lasti) if done else _capture(frame, _callers_at_checkout)
+            frame = frame.f_back  # None past the end of a greenlet's stack: None.f_globals raises
+        site = _capture(frame, _callers_at_checkout) if _callers_at_checkout else (frame.f_code, frame.f_lasti)
+    except (KeyError, AttributeError):  # a module not judged yet, or a greenlet's end: _capture goes on
+        site = _capture(frame, _callers_at_checkout)
     loop = _running_loop()
     return (
         _monotonic(),

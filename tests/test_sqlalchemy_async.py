@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
 from tests.conftest import Server, sqlalchemy_url
@@ -149,6 +149,31 @@ async def test_async_force_close_cancels_on_the_server(make_async_engine, server
     with pytest.raises(PoolClosedError, match="'db' is closed"):
         async with engine.connect():
             pass
+
+
+async def test_a_tracked_async_checkout_names_the_users_line_past_sqlalchemys_greenlet(make_async_engine):
+    """The checkout runs in a greenlet whose stack ends inside SQLAlchemy: the borrow site is found in the task's."""
+    engine = make_async_engine()
+    registry = Registry(track_borrowers=True)
+    registry.wrap(engine, name="db")
+
+    async def borrow() -> AsyncConnection:
+        connection: AsyncConnection = await engine.connect()  # the borrow site
+        return connection
+
+    connection = await borrow()
+    try:
+        (borrower,) = registry["db"].borrowers()
+        site_line = borrow.__code__.co_firstlineno + 1
+        assert borrower.site == f"{__file__}:{site_line}"
+        assert [frame.function for frame in borrower.stack or ()][-2:] == [
+            "test_a_tracked_async_checkout_names_the_users_line_past_sqlalchemys_greenlet",
+            "borrow",
+        ]
+        assert borrower.task == asyncio.current_task().get_name()  # type: ignore[union-attr]
+    finally:
+        await connection.close()
+        await registry.aclose()
 
 
 async def test_async_engine_dispose_after_close_does_not_reopen(make_async_engine, server: Server):

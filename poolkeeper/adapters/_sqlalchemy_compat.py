@@ -15,6 +15,8 @@ side connection)                                       falls back to one request
                                                        is reported unconfirmed
 ``QueuePool._pool`` / ``_overflow`` / ``checkedin()``  2.0, 2.1
 ``_ConnectionFairy._connection_record``                2.0, 2.1
+``_ConnectionFairy._checkout`` (what ``Pool.connect``    2.0, 2.1; optional: without it the guard
+does; the guard calls it directly)                     calls ``Pool.connect``
 ``_ConnectionRecord.fairy_ref``                        2.0, 2.1
 ``util.queue.Queue`` (``mutex``, ``not_empty``,        2.0, 2.1
 ``not_full``, ``queue``, ``_empty``, ``_get``)
