@@ -155,9 +155,10 @@ def _scale(results: Sequence[Result]) -> list[str]:
         "**Force-close.** Every connection is borrowed and never comes back by itself; `drain_timeout=0`",
         "sends the keeper straight to force-closing. The time is the whole `aclose()` (for SQLAlchemy, a",
         "sync service's `close()`): refusing, aborting every borrowed connection (for PostgreSQL, also",
-        "cancelling each statement on the server: with eight or more, the connections are cut first and",
-        "one `pg_cancel_backend` query follows) and closing the pool. The garbage collector runs just",
-        "before each timed close, so that what earlier measurements left is not collected inside it.",
+        "cancelling each statement on the server: with eight or more, one `pg_cancel_backend` query; the",
+        "connections are cut first, and asyncpg's sockets are closed once the query has answered, from a",
+        "thread, not waited for) and closing the pool. The garbage collector runs just before each timed",
+        "close, so that what earlier measurements left is not collected inside it.",
         f"Each figure is the median of {bench_shutdown.FORCE_ROUNDS} runs.",
         "",
         *_table(

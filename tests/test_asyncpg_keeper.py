@@ -6,9 +6,11 @@ import asyncio
 import gc
 import json
 import logging
+import resource
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -562,3 +564,45 @@ async def test_when_the_one_cancel_query_is_refused_a_cancel_request_each_still_
     assert (report["pg"].outcome, report["pg"].forced, report["pg"].error) == ("forced", 12, None)
     assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+def open_descriptors() -> set[int]:
+    return {int(path.name) for path in Path("/proc/self/fd").iterdir()}
+
+
+async def test_a_batched_force_close_closes_every_socket_it_kept_open(make_pool, server: Server):
+    """The borrowed sockets stay open to the server through the cancel query; once closed, none is left open."""
+    before = open_descriptors()
+    registry, borrowers = await a_dozen_in_pg_sleep(await make_pool(min_size=1, max_size=12), server)
+    report = await registry.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
+
+    assert all(isinstance(result, asyncpg.ConnectionDoesNotExistError) for result in results), results
+    assert (report["pg"].outcome, report["pg"].forced, report["pg"].error) == ("forced", 12, None)
+    assert server.settle(lambda: server.backends() == []), server.backends()
+    # Closed from a thread of its own once the pool is closed: the server saw them go (above),
+    # and the process holds nothing more than before the pool.
+    await auntil(lambda: open_descriptors() <= before)
+
+
+async def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_pool, server: Server):
+    """With too few descriptors left to keep every socket open, the rest are terminated as usual: nothing is missed."""
+    before = open_descriptors()
+    registry, borrowers = await a_dozen_in_pg_sleep(await make_pool(min_size=1, max_size=12), server)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the side connection, the socket pair and a few of the twelve: the lowest free
+    # descriptor numbers are the ones handed out, so the limit is where six of them end.
+    open_now = open_descriptors()
+    free = [number for number in range(max(open_now) + 8) if number not in open_now]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5] + 1, hard))
+    try:
+        report = await registry.aclose()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
+
+    assert all(isinstance(result, asyncpg.ConnectionDoesNotExistError) for result in results), results
+    assert (report["pg"].outcome, report["pg"].forced, report["pg"].error) == ("forced", 12, None)
+    assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
+    assert server.settle(lambda: server.backends() == []), server.backends()
+    await auntil(lambda: open_descriptors() <= before)
