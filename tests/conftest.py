@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -49,6 +50,11 @@ def callers_at_checkout(*, on: bool) -> Iterator[None]:
         yield
     finally:
         record_callers(on=was)
+
+
+def open_descriptors() -> set[int]:
+    """The file descriptors this process has open now."""
+    return {int(path.name) for path in Path("/proc/self/fd").iterdir()}
 
 
 def postgres_url() -> str:

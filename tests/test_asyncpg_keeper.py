@@ -10,7 +10,6 @@ import resource
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
-from tests.conftest import Server
+from tests.conftest import Server, open_descriptors
 from tests.waiting import auntil
 
 pytestmark = pytest.mark.asyncio
@@ -564,10 +563,6 @@ async def test_when_the_one_cancel_query_is_refused_a_cancel_request_each_still_
     assert (report["pg"].outcome, report["pg"].forced, report["pg"].error) == ("forced", 12, None)
     assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
     assert server.settle(lambda: server.backends() == []), server.backends()
-
-
-def open_descriptors() -> set[int]:
-    return {int(path.name) for path in Path("/proc/self/fd").iterdir()}
 
 
 async def test_a_batched_force_close_closes_every_socket_it_kept_open(make_pool, server: Server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 import poolkeeper
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.conftest import Server, sqlalchemy_url
+from tests.conftest import Server, open_descriptors, sqlalchemy_url
 from tests.waiting import until
 
 
@@ -392,6 +393,46 @@ def test_many_borrowed_connections_are_cancelled_on_the_server_together(make_eng
     # next interrupt check, moments after close() returned (see docs/lifecycle.md).
     assert server.settle(lambda: server.running("pg_sleep") == []), "the cancel (a signal) never ended the query"
     assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+def test_a_batched_force_close_closes_every_socket_it_kept_open(make_engine, server: Server):
+    """The borrowers are woken at once, their sockets kept open to the server through the cancel query, then closed."""
+    before = open_descriptors()
+    registry, borrowers = a_dozen_in_pg_sleep(make_engine(pool_size=12, max_overflow=0), server)
+    report = registry.close()
+    for borrower in borrowers:
+        borrower.join(5)
+
+    assert all(isinstance(borrower.error, sa.exc.OperationalError) for borrower in borrowers)
+    assert (report["db"].outcome, report["db"].forced, report["db"].error) == ("forced", 12, None)
+    assert server.settle(lambda: server.backends() == []), server.backends()
+    # Closed from a thread of its own once the pool is closed: the server saw them go (above),
+    # and the process holds nothing more than before the engine's connections.
+    until(lambda: open_descriptors() <= before)
+
+
+def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_engine, server: Server):
+    """With too few descriptors left to keep every socket open, the rest are cut as usual: nothing is missed."""
+    before = open_descriptors()
+    registry, borrowers = a_dozen_in_pg_sleep(make_engine(pool_size=12, max_overflow=0), server)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the side connection, the socket pair and a few of the twelve: the lowest free
+    # descriptor numbers are the ones handed out, so the limit is where six of them end.
+    open_now = open_descriptors()
+    free = [number for number in range(max(open_now) + 8) if number not in open_now]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5] + 1, hard))
+    try:
+        report = registry.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for borrower in borrowers:
+        borrower.join(5)
+
+    assert all(isinstance(borrower.error, sa.exc.OperationalError) for borrower in borrowers)
+    assert (report["db"].outcome, report["db"].forced, report["db"].error) == ("forced", 12, None)
+    assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
+    assert server.settle(lambda: server.backends() == []), server.backends()
+    until(lambda: open_descriptors() <= before)
 
 
 def test_a_role_that_may_not_signal_the_borrowers_gets_their_statements_cancelled_a_request_each(

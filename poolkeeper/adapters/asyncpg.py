@@ -30,7 +30,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 import threading
 import time
 import urllib.parse
@@ -49,14 +48,18 @@ from poolkeeper.adapters._abort import (
     cancel_statements,
     cancel_time_left,
     cancel_wait,
+    close_kept,
     confirm_cancels,
+    keep_socket,
     shutdown_socket,
     socket_fd,
+    stand_in_socket,
 )
 from poolkeeper.adapters._base import Driver, log_own_close, unsupported_version
 from poolkeeper.errors import PoolClosedError, RegistrationError
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
     from typing import TypeAlias
 
@@ -303,33 +306,21 @@ async def _cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> bool:
     return True
 
 
-def _close_descriptors(descriptors: Iterable[int]) -> None:
-    for fd in descriptors:
-        os.close(fd)
-
-
 @contextlib.contextmanager
-def _sockets_kept(connections: Iterable[Any]) -> Iterator[list[int]]:
+def _sockets_kept(connections: Iterable[Any]) -> Iterator[list[socket.socket]]:
     """Keep each connection's socket open through its ``terminate()`` (inside the block), with nothing more sent on it.
 
-    Each socket gets a second file descriptor (yielded: closing it closes the socket), and its
-    own descriptor is made to name one end of a local socket pair instead, so that
-    ``terminate()`` writes its goodbye to the pair and closes that: the server sees nothing
-    until the yielded descriptors are closed. Only for asyncio's own socket transports with
-    nothing left to send (the loop stops watching the descriptor once reading is paused); any
-    other connection, and every one from the first descriptor the process cannot get on (its
-    open-file limit), is terminated as usual.
+    See :func:`~poolkeeper.adapters._abort.keep_socket`: ``terminate()`` writes its goodbye to
+    the stand-in and closes that. Only for asyncio's own socket transports with nothing left to
+    send (the loop stops watching the descriptor once reading is paused); any other connection,
+    and every one from the first socket the process cannot keep (its open-file limit), is
+    terminated as usual.
     """
-    kept: list[int] = []
-    try:
-        stand_in, other_end = socket.socketpair()
-    except OSError:
-        yield kept
-        return
-    with stand_in, other_end:  # open until the goodbyes are written
-        # Never blocking: a goodbye that does not fit stays in its transport, whose abort() drops it.
-        stand_in.setblocking(False)  # noqa: FBT003 -- the socket module's own signature
+    kept: list[socket.socket] = []
+    with stand_in_socket(at_end_of_file=False) as stand_in:  # open until the goodbyes are written
         for connection in connections:
+            if stand_in is None:
+                break
             transport = connection._transport  # noqa: SLF001 -- the connection's asyncio transport
             if (
                 transport is None
@@ -338,14 +329,11 @@ def _sockets_kept(connections: Iterable[Any]) -> Iterator[list[int]]:
                 or transport.get_write_buffer_size()
             ):
                 continue
-            fd = transport.get_extra_info("socket").fileno()
-            try:
-                second = os.dup(fd)
-            except OSError:
+            transport.pause_reading()  # the loop stops watching the descriptor before it names the stand-in
+            sock = keep_socket(transport.get_extra_info("socket").fileno(), stand_in)
+            if sock is None:
                 break
-            transport.pause_reading()  # the loop stops watching the descriptor before it names the pair
-            os.dup2(stand_in.fileno(), fd)
-            kept.append(second)
+            kept.append(sock)
         yield kept
 
 
@@ -442,8 +430,8 @@ class AsyncpgDriver(Driver):
         self._queue_class: type[Any] | None = None
         # Set in a forked child: the pool, its event loop and every connection are the parent's.
         self._inherited = False
-        # Descriptors of sockets a force-close keeps open until close_connections() (_keep_sockets).
-        self._kept_sockets: list[int] = []
+        # Sockets a force-close keeps open to the server until close_connections() (_sockets_kept).
+        self._kept_sockets: list[socket.socket] = []
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop:
@@ -654,16 +642,9 @@ class AsyncpgDriver(Driver):
             self._close_kept_sockets()
 
     def _close_kept_sockets(self) -> None:
-        """Close the sockets a force-close kept open, from a thread of its own.
-
-        Last, and not waited for: every close lets a cancelled backend exit, and hundreds of
-        backends exiting on the same machine would slow down whatever this process does next
-        (500 closes took 400 ms on 2 cores).
-        """
+        """Close the sockets a force-close kept open (last, from a thread, not waited for)."""
         kept, self._kept_sockets = self._kept_sockets, []
-        if kept:
-            closer = threading.Thread(target=_close_descriptors, args=(kept,), name="poolkeeper-sockets", daemon=True)
-            closer.start()
+        close_kept(kept)
 
     async def _close_all(self) -> None:
         releasing = [holder._in_use for holder in self.pool._holders if holder._in_use is not None]  # noqa: SLF001

@@ -36,6 +36,8 @@ from poolkeeper.adapters._abort import (
     cancel_psycopg_in_one_query,
     cancel_statements,
     cancel_time_left,
+    close_kept,
+    cut_keeping_sockets,
     psycopg_side_that_may_cancel,
     say_goodbye,
     shutdown_socket,
@@ -46,6 +48,7 @@ from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Sequence
 
     from sqlalchemy.pool import ConnectionPoolEntry
@@ -263,6 +266,8 @@ class SQLAlchemyDriver(Driver):
         # Held strongly: their ids stay unique, and a collected psycopg2 or asyncpg connection
         # would send its goodbye on the socket it shares with the parent.
         self._inherited: dict[int, Any] = {}
+        # Sockets a force-close keeps open to the server until close_connections() (cut_keeping_sockets).
+        self._kept_sockets: list[socket.socket] = []
         # MySQL and MariaDB stop a borrowed connection's statement with KILL QUERY (_mysql_cancel);
         # every other dialect with PostgreSQL's cancel (_abort).
         self.mysql_cancel = MySQLServerCancel(engine, is_async=self.is_async) if is_mysql(engine) else None
@@ -422,10 +427,13 @@ class SQLAlchemyDriver(Driver):
             wait = cancel_time_left(until)  # what is left, never nothing
             if side is not None:
                 # Cut first: every borrowing thread is woken at once, instead of after the server
-                # answered the cancel while hundreds of backends exit and hundreds of threads wake
-                # to its errors. The backends, their clients gone, stop at the cancel and exit.
+                # answered the cancel while hundreds of threads wake to its errors. But the server
+                # does not see the clients go before the query has answered (cut_keeping_sockets;
+                # the sockets close last, in close_connections): a backend whose client is gone
+                # exits as soon as the cancel stops it, and hundreds of them exiting at once hold
+                # the answer back.
                 pids = [connection.info.backend_pid for connection in connections]
-                self._cut(connections)
+                self._kept_sockets += cut_keeping_sockets(connections)
                 await cancel_by_pid(side, pids, wait)  # raises CancelNotConfirmedError (reported)
                 return
         try:
@@ -520,11 +528,15 @@ class SQLAlchemyDriver(Driver):
         pools = [pool for pool in self.pools if pool not in singletons]
         failures = [failure for pool in singletons for failure in _close_in_this_thread(pool)]
         close_all = functools.partial(self._close_idle_of, pools)
-        if self.is_async:
-            if self.loop is not None:  # None: never used, no connection was ever opened
-                await run_on_loop(self.loop, greenlet_spawn(close_all))
-        else:
-            await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        try:
+            if self.is_async:
+                if self.loop is not None:  # None: never used, no connection was ever opened
+                    await run_on_loop(self.loop, greenlet_spawn(close_all))
+            else:
+                await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
+        finally:  # last, from a thread, not waited for: each close lets a cancelled backend exit
+            kept, self._kept_sockets = self._kept_sockets, []
+            close_kept(kept)
         if failures:
             raise ThreadBoundConnectionsError(
                 f"{len(failures)} connection(s) could not be closed from the thread closing the registry "
