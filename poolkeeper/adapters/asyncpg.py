@@ -590,7 +590,7 @@ class AsyncpgDriver(Driver):
         # cancel stops it, and hundreds of backends exiting on a small server hold the answer
         # back (500 of them: 400 ms and more on 2 cores, against 50 ms with the clients still
         # there). So each socket is kept open, with nothing more sent on it, until the pool's
-        # connections are closed (_keep_sockets, close_connections). The keys are read before
+        # connections are closed (_sockets_kept, close_connections). The keys are read before
         # terminating drops them: should the one query fail, a cancel request each still
         # reaches the server.
         pids = [connection.get_server_pid() for connection in connections]
