@@ -600,10 +600,10 @@ class AsyncpgDriver(Driver):
             for connection, released in zip(connections, releases, strict=True)
             if connection._pool_release_ctr == released  # noqa: SLF001 -- what _terminate_borrowed terminates
         ]
-        with _sockets_kept(terminated) as kept:
-            self._kept_sockets += kept
-            self._terminate_borrowed(connections, releases)
         try:
+            with _sockets_kept(terminated) as kept:
+                self._kept_sockets += kept
+                self._terminate_borrowed(connections, releases)
             if await _cancel_by_pid(side, pids, wait):
                 return
         finally:
