@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import time
 import uuid
@@ -55,6 +56,23 @@ def callers_at_checkout(*, on: bool) -> Iterator[None]:
 def open_descriptors() -> set[int]:
     """The file descriptors this process has open now."""
     return {int(path.name) for path in Path("/proc/self/fd").iterdir()}
+
+
+@contextlib.contextmanager
+def descriptors_left(count: int) -> Iterator[None]:
+    """Within the block, the process can open only ``count`` more file descriptors (its soft ``RLIMIT_NOFILE``).
+
+    The lowest free descriptor numbers are the ones handed out, so the limit is set where the
+    ``count``-th of them ends.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = open_descriptors()
+    free = [number for number in range(max(open_now) + count + 2) if number not in open_now]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[count - 1] + 1, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def postgres_url() -> str:

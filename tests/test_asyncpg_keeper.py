@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import logging
-import resource
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from poolkeeper import KeeperState, PoolClosedError, RegistrationError, Registry
-from tests.conftest import Server, open_descriptors
+from tests.conftest import Server, descriptors_left, open_descriptors
 from tests.waiting import auntil
 
 pytestmark = pytest.mark.asyncio
@@ -584,16 +583,8 @@ async def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_
     """With too few descriptors left to keep every socket open, the rest are terminated as usual: nothing is missed."""
     before = open_descriptors()
     registry, borrowers = await a_dozen_in_pg_sleep(await make_pool(min_size=1, max_size=12), server)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # Room for the side connection, the socket pair and a few of the twelve: the lowest free
-    # descriptor numbers are the ones handed out, so the limit is where six of them end.
-    open_now = open_descriptors()
-    free = [number for number in range(max(open_now) + 8) if number not in open_now]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5] + 1, hard))
-    try:
+    with descriptors_left(6):  # the side connection, the socket pair and a few of the twelve
         report = await registry.aclose()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     results = await asyncio.wait_for(asyncio.gather(*borrowers, return_exceptions=True), 5)
 
     assert all(isinstance(result, asyncpg.ConnectionDoesNotExistError) for result in results), results

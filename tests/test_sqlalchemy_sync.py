@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import sqlite3
 import threading
 import time
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 
 import poolkeeper
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.conftest import Server, open_descriptors, sqlalchemy_url
+from tests.conftest import Server, descriptors_left, open_descriptors, sqlalchemy_url
 from tests.waiting import until
 
 
@@ -414,16 +413,8 @@ def test_a_batched_force_close_closes_every_socket_it_kept_open(make_engine, ser
 def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_engine, server: Server):
     """With too few descriptors left to keep every socket open, the rest are cut as usual: nothing is missed."""
     registry, borrowers = a_dozen_in_pg_sleep(make_engine(pool_size=12, max_overflow=0), server)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # Room for the side connection, the socket pair and a few of the twelve: the lowest free
-    # descriptor numbers are the ones handed out, so the limit is where six of them end.
-    open_now = open_descriptors()
-    free = [number for number in range(max(open_now) + 8) if number not in open_now]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5] + 1, hard))
-    try:
+    with descriptors_left(6):  # the side connection, the socket pair and a few of the twelve
         report = registry.close()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     for borrower in borrowers:
         borrower.join(5)
 

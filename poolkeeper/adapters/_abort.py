@@ -36,13 +36,13 @@ __all__ = [
     "MIN_CANCEL_WAIT",
     "BlockingCancelRefusedError",
     "CancelNotConfirmedError",
+    "KeptSockets",
     "cancel_by_pid",
     "cancel_psycopg_in_one_query",
     "cancel_statement",
     "cancel_statements",
     "cancel_time_left",
     "cancel_wait",
-    "close_kept",
     "confirm_cancels",
     "cut_keeping_sockets",
     "keep_socket",
@@ -93,7 +93,7 @@ def shutdown_socket(fd: int) -> None:
 # query has answered: each gets a second descriptor (a socket object, kept), and its own
 # descriptor is made to name one end of a local socket pair, the stand-in. Whatever the client
 # does next (its goodbye, its close) happens on the stand-in; the server sees nothing until the
-# kept sockets are closed (close_kept, from a thread: every close lets a backend exit).
+# kept sockets are closed (KeptSockets, from a thread: every close lets a backend exit).
 
 
 @contextlib.contextmanager
@@ -135,11 +135,22 @@ def keep_socket(fd: int, stand_in: socket.socket) -> socket.socket | None:
     return kept
 
 
-def close_kept(sockets: list[socket.socket]) -> None:
-    """Close ``sockets`` from a thread of its own, not waited for: each close lets a backend exit."""
-    if sockets:
-        thread = threading.Thread(target=_close_each, args=(sockets,), name="poolkeeper-sockets", daemon=True)
-        thread.start()
+class KeptSockets:
+    """The sockets a driver's force-close keeps open to the server, until the driver closes its connections."""
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+
+    def add(self, sockets: list[socket.socket]) -> None:
+        """Keep ``sockets`` (what :func:`keep_socket` returned) until :meth:`close`."""
+        self._sockets += sockets
+
+    def close(self) -> None:
+        """Close every kept socket from a thread of its own, not waited for: each close lets a backend exit."""
+        sockets, self._sockets = self._sockets, []
+        if sockets:
+            thread = threading.Thread(target=_close_each, args=(sockets,), name="poolkeeper-sockets", daemon=True)
+            thread.start()
 
 
 def _close_each(sockets: list[socket.socket]) -> None:
@@ -151,7 +162,7 @@ def cut_keeping_sockets(connections: Sequence[Any]) -> list[socket.socket]:
     """Wake every thread reading ``connections`` as :func:`shutdown_socket` does, their sockets kept open to the server.
 
     Returns the kept sockets (see :func:`keep_socket`); the caller closes them
-    (:func:`close_kept`). A reader is woken by shutting the kept socket down for reading, which
+    (:class:`KeptSockets`). A reader is woken by shutting the kept socket down for reading, which
     sends the server nothing, and reads the end of file on the stand-in. A connection whose
     socket cannot be kept (the process's open-file limit) is cut the usual way.
     """

@@ -45,10 +45,10 @@ from poolkeeper._report import ResourceReport
 from poolkeeper._shutdown import close_keeper
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
+    KeptSockets,
     cancel_statements,
     cancel_time_left,
     cancel_wait,
-    close_kept,
     confirm_cancels,
     keep_socket,
     shutdown_socket,
@@ -306,6 +306,20 @@ async def _cancel_by_pid(side: Any, pids: Sequence[int], wait: float) -> bool:
     return True
 
 
+def _still_borrowed(connections: Sequence[Any], releases: Sequence[int]) -> list[Any]:
+    """Those of ``connections`` whose borrower is not giving them back yet (``releases``: their release counts before).
+
+    A borrower may be giving its connection back already (its statement ended, or was just
+    cancelled): terminated under ``Pool.release()``, its release would fail with asyncpg's
+    InternalClientError. close_connections() waits a moment for those releases.
+    """
+    return [
+        connection
+        for connection, released in zip(connections, releases, strict=True)
+        if connection._pool_release_ctr == released  # noqa: SLF001
+    ]
+
+
 @contextlib.contextmanager
 def _sockets_kept(connections: Iterable[Any]) -> Iterator[list[socket.socket]]:
     """Keep each connection's socket open through its ``terminate()`` (inside the block), with nothing more sent on it.
@@ -431,7 +445,7 @@ class AsyncpgDriver(Driver):
         # Set in a forked child: the pool, its event loop and every connection are the parent's.
         self._inherited = False
         # Sockets a force-close keeps open to the server until close_connections() (_sockets_kept).
-        self._kept_sockets: list[socket.socket] = []
+        self._kept_sockets = KeptSockets()
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop:
@@ -595,14 +609,9 @@ class AsyncpgDriver(Driver):
         # reaches the server.
         pids = [connection.get_server_pid() for connection in connections]
         requests = [_cancel_later(connection) for connection in connections]
-        terminated = [
-            connection
-            for connection, released in zip(connections, releases, strict=True)
-            if connection._pool_release_ctr == released  # noqa: SLF001 -- what _terminate_borrowed terminates
-        ]
         try:
-            with _sockets_kept(terminated) as kept:
-                self._kept_sockets += kept
+            with _sockets_kept(_still_borrowed(connections, releases)) as kept:  # those terminated next
+                self._kept_sockets.add(kept)
                 self._terminate_borrowed(connections, releases)
             if await _cancel_by_pid(side, pids, wait):
                 return
@@ -614,12 +623,8 @@ class AsyncpgDriver(Driver):
 
     @staticmethod
     def _terminate_borrowed(connections: Sequence[Any], releases: Sequence[int]) -> None:
-        for connection, released in zip(connections, releases, strict=True):
-            # A borrower may be giving the connection back already (its statement ended, or was
-            # just cancelled): terminated under Pool.release(), its release would fail with
-            # asyncpg's InternalClientError. close_connections() waits a moment for those releases.
-            if connection._pool_release_ctr == released:  # noqa: SLF001
-                connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError
+        for connection in _still_borrowed(connections, releases):
+            connection.terminate()  # wakes the borrower with ConnectionDoesNotExistError
 
     async def close_connections(self) -> None:
         """Close every connection and leave the pool closed in asyncpg too.
@@ -638,13 +643,8 @@ class AsyncpgDriver(Driver):
                 return
             self.pool._closed = True  # noqa: SLF001
             _shutdown_sockets(_open_connections(self.pool._holders))  # noqa: SLF001
-        finally:
-            self._close_kept_sockets()
-
-    def _close_kept_sockets(self) -> None:
-        """Close the sockets a force-close kept open (last, from a thread, not waited for)."""
-        kept, self._kept_sockets = self._kept_sockets, []
-        close_kept(kept)
+        finally:  # last, from a thread, not waited for: each close lets a cancelled backend exit
+            self._kept_sockets.close()
 
     async def _close_all(self) -> None:
         releasing = [holder._in_use for holder in self.pool._holders if holder._in_use is not None]  # noqa: SLF001

@@ -32,11 +32,11 @@ from poolkeeper._redact import is_secret_key, secret_values
 from poolkeeper.adapters._abort import (
     BATCH_CANCEL_FROM,
     MAX_CANCEL_WAIT,
+    KeptSockets,
     cancel_by_pid,
     cancel_psycopg_in_one_query,
     cancel_statements,
     cancel_time_left,
-    close_kept,
     cut_keeping_sockets,
     psycopg_side_that_may_cancel,
     say_goodbye,
@@ -48,7 +48,6 @@ from poolkeeper.adapters._mysql_cancel import MySQLServerCancel, is_mysql
 from poolkeeper.adapters._sqlalchemy_compat import check_supported, queue_await
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Callable, Sequence
 
     from sqlalchemy.pool import ConnectionPoolEntry
@@ -267,7 +266,7 @@ class SQLAlchemyDriver(Driver):
         # would send its goodbye on the socket it shares with the parent.
         self._inherited: dict[int, Any] = {}
         # Sockets a force-close keeps open to the server until close_connections() (cut_keeping_sockets).
-        self._kept_sockets: list[socket.socket] = []
+        self._kept_sockets = KeptSockets()
         # MySQL and MariaDB stop a borrowed connection's statement with KILL QUERY (_mysql_cancel);
         # every other dialect with PostgreSQL's cancel (_abort).
         self.mysql_cancel = MySQLServerCancel(engine, is_async=self.is_async) if is_mysql(engine) else None
@@ -433,7 +432,7 @@ class SQLAlchemyDriver(Driver):
                 # exits as soon as the cancel stops it, and hundreds of them exiting at once hold
                 # the answer back.
                 pids = [connection.info.backend_pid for connection in connections]
-                self._kept_sockets += cut_keeping_sockets(connections)
+                self._kept_sockets.add(cut_keeping_sockets(connections))
                 await cancel_by_pid(side, pids, wait)  # raises CancelNotConfirmedError (reported)
                 return
         try:
@@ -535,8 +534,7 @@ class SQLAlchemyDriver(Driver):
             else:
                 await run_blocking(close_all, name="poolkeeper-sqlalchemy-close")
         finally:  # last, from a thread, not waited for: each close lets a cancelled backend exit
-            kept, self._kept_sockets = self._kept_sockets, []
-            close_kept(kept)
+            self._kept_sockets.close()
         if failures:
             raise ThreadBoundConnectionsError(
                 f"{len(failures)} connection(s) could not be closed from the thread closing the registry "
