@@ -99,6 +99,9 @@ class Keeper:
         # Set (under the lock) once a closer has seen the keeper drained: from then on a late
         # lend() is refused, since the closer will not wait for it (issue 13, item 1).
         self._drain_seen = False
+        # Set (under the lock) once a closer starts closing the idle connections: a return after
+        # that may land behind its sweep, so the returner has the driver close it (checkin).
+        self._sweep_started = False
         self._drain_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread_waiters: list[threading.Event] = []
         self._returned_while_draining = 0
@@ -322,8 +325,8 @@ class Keeper:
             return
         with self._lock:
             entry = self._borrows.pop(connection, None)
-            self._returned_during_close(entry)
-        if self._state is KeeperState.CLOSED:
+            swept = self._returned_during_close(entry)
+        if swept:
             self._driver.connection_returned_after_close(connection)
         if entry is not None and collected(entry):
             self._note_gc_return(connection, entry)
@@ -346,15 +349,22 @@ class Keeper:
             self._lock.defer(functools.partial(self._count_return, connection, entry))
             return
         with self._lock:
-            self._returned_during_close(entry)
+            swept = self._returned_during_close(entry)
+        if swept:
+            self._driver.connection_returned_after_close(connection)
         if entry is not None and collected(entry):
             self._note_gc_return(connection, entry)
 
-    def _returned_during_close(self, entry: Entry | None) -> None:
+    def _returned_during_close(self, entry: Entry | None) -> bool:
         # Called with the lock held. Returns after the force-close began were counted as forced.
+        # True if the closer's sweep of idle connections may already have passed this one: read
+        # under the lock that start_sweep() takes, so that every return is either in the pool
+        # before the sweep begins or closed by the returner (the sweep and the returner's close
+        # may both run: the drivers take each idle connection out of the pool once).
         if entry is not None and self._state is KeeperState.DRAINING:
             self._returned_while_draining += 1
         self._wake_if_drained()
+        return self._sweep_started or self._state is KeeperState.CLOSED
 
     def _note_gc_return(self, connection: Any, entry: Entry) -> None:
         if self._lock.entered_here:  # a finaliser interrupted this thread's critical section
@@ -501,6 +511,11 @@ class Keeper:
         with self._lock:
             borrows = self._borrows.copy()
         return [Borrow(connection, entry) for connection, entry in borrows.items()]
+
+    def start_sweep(self) -> None:
+        """The closer is about to close the idle connections: later returns are the returners' to close."""
+        with self._lock:
+            self._sweep_started = True
 
     def mark_closed(self) -> None:
         """-> CLOSED: every physical connection has been closed."""

@@ -231,6 +231,7 @@ async def _drain_then_close(
             # Told at once (also if the wait failed), so that the close is timed from the drain's end.
             wake_soon(loop, drained, (clean, time.monotonic()))
         if clean:
+            keeper.start_sweep()
             close()
 
     closing = run_blocking(drain_then_close, name="poolkeeper-drain-close")
@@ -239,6 +240,12 @@ async def _drain_then_close(
         return True, drained_at, closing
     closing.add_done_callback(functools.partial(_warn_if_failed, keeper, "waiting for the drain"))
     return False, drained_at, None
+
+
+def _close_idle(keeper: Keeper) -> Awaitable[None]:
+    """The driver's close of the idle connections; any return from now on, its returner closes (Keeper.start_sweep)."""
+    keeper.start_sweep()
+    return keeper.driver.close_connections()
 
 
 def _warn_if_failed(keeper: Keeper, what: str, future: asyncio.Future[Any]) -> None:
@@ -306,7 +313,7 @@ async def close_keeper(keeper: Keeper, finish_by: float | None, reserve: float) 
             budget = max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
             cancelled = await _step(keeper, "force-close", driver.force_close(borrows, budget), budget, errors)
     budget = _MIN_CLOSE_BUDGET if cancelled else max(_MIN_CLOSE_BUDGET, close_until - time.monotonic())
-    work = driver.close_connections() if closing is None else closing
+    work = _close_idle(keeper) if closing is None else closing
     cancelled = await _step(keeper, "close", work, budget, errors) or cancelled
     # Counted, not snapshotted: a checkout that raced the start of closing is drained too.
     borrowed_at_start = keeper.returned_while_draining + forced

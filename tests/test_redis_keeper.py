@@ -364,6 +364,47 @@ def test_a_thousand_forced_connections_given_back_after_the_close_are_each_close
     assert redis_server.settle(lambda: redis_server.clients() == []), len(redis_server.clients())
 
 
+class SweepSignallingConnection(redis.Connection):
+    """A redis-py connection class that runs ``on_disconnect`` (once) as its disconnect begins."""
+
+    on_disconnect: Callable[[], None] | None = None
+
+    def disconnect(self, *args: Any) -> None:
+        hook, self.on_disconnect = self.on_disconnect, None
+        if hook is not None:
+            hook()
+        super().disconnect(*args)  # type: ignore[no-untyped-call]  # redis-py leaves disconnect() unannotated
+
+
+def test_a_connection_given_back_while_the_idle_ones_are_being_closed_is_closed_too(make_client, redis_server):
+    """A forced connection given back behind the closer's sweep of the idle ones is disconnected, not left open.
+
+    It comes back from inside the sweep, as the sweep disconnects the idle connection: after
+    the sweep listed the idle connections, before the keeper is closed.
+    """
+    client = make_client(connection_class=SweepSignallingConnection)
+    registry = Registry(drain_timeout=0.05)
+    registry.wrap(client, name="cache")
+    pool = client.connection_pool
+    borrowed, idle = pool.get_connection(*CHECKOUT_ARGS), pool.get_connection(*CHECKOUT_ARGS)
+    for connection in (borrowed, idle):
+        connection.connect()  # as a command would
+    pool.release(idle)
+    given_back = threading.Event()
+
+    def give_back() -> None:
+        pool.release(borrowed)
+        given_back.set()
+
+    idle.on_disconnect = give_back
+    report = registry.close()
+
+    assert given_back.is_set()
+    assert (report["cache"].outcome, report["cache"].forced) == ("forced", 1)
+    assert borrowed._sock is None  # disconnected: its socket closed on this side too
+    assert redis_server.settle(lambda: redis_server.clients() == []), redis_server.clients()
+
+
 def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(make_client, redis_server, key):
     """A forced BLPOP on a client retrying for ever raises PoolClosedError promptly instead of reconnecting."""
     client = make_client(retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), -1), retry_on_error=RETRIED)

@@ -412,6 +412,7 @@ def test_a_batched_force_close_closes_every_socket_it_kept_open(make_engine, ser
 
 def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_engine, server: Server):
     """With too few descriptors left to keep every socket open, the rest are cut as usual: nothing is missed."""
+    before = open_descriptors()
     registry, borrowers = a_dozen_in_pg_sleep(make_engine(pool_size=12, max_overflow=0), server)
     with descriptors_left(6):  # the side connection, the socket pair and a few of the twelve
         report = registry.close()
@@ -421,12 +422,40 @@ def test_at_its_open_file_limit_a_process_still_force_closes_a_dozen(make_engine
     assert all(isinstance(borrower.error, sa.exc.OperationalError) for borrower in borrowers)
     assert (report["db"].outcome, report["db"].forced, report["db"].error) == ("forced", 12, None)
     assert server.settle(lambda: server.running("pg_sleep") == []), server.backends()
-    # Every socket kept open is closed: no backend is left. The process's descriptors are not
-    # compared with before: with psycopg 3.1 (the compat floor), whose force-close cancels
-    # before it cuts, a borrower given the cancel's error gives its connection back, and at the
-    # limit some of those stay in the pool, open on this side only (their backends are gone).
-    # Seen in 5 of 15 runs; not fixed yet.
+    # Every socket kept open is closed: no backend is left, and no descriptor on this side
+    # either, also of the connections whose borrowers gave them back as the idle ones closed.
     assert server.settle(lambda: server.backends() == []), server.backends()
+    until(lambda: open_descriptors() <= before)
+
+
+def test_a_connection_given_back_while_the_idle_ones_are_being_closed_is_closed_too(make_engine):
+    """A return that lands behind the closer's sweep of the idle connections is not left open in the pool.
+
+    The forced borrower gives its connection back from inside the sweep (SQLAlchemy's ``close``
+    event of the idle connection it closes), after the sweep took the pool's idle connections.
+    With no reset on return, the connection comes back still open on this side: the return has
+    to close it, since nothing sweeps the pool again.
+    """
+    engine = make_engine(pool_size=2, max_overflow=0, pool_reset_on_return=None)
+    registry = Registry(drain_timeout=0.05)
+    registry.wrap(engine, name="db")
+    borrowed, idle = engine.connect(), engine.connect()
+    driver_connection, idle_connection = borrowed.connection.dbapi_connection, idle.connection.dbapi_connection
+    idle.close()
+    given_back: list[int] = []
+
+    @sa.event.listens_for(engine, "close")
+    def give_back_during_the_sweep(dbapi_connection: Any, _record: Any) -> None:
+        if not given_back:
+            given_back.append(dbapi_connection)
+            borrowed.close()
+
+    report = registry.close()
+
+    assert given_back == [idle_connection]  # given back while the idle one was being closed
+    assert (report["db"].outcome, report["db"].forced) == ("forced", 1)
+    assert driver_connection.closed  # its socket too: the close is psycopg's own
+    assert engine.pool.checkedin() == 0
 
 
 def test_a_role_that_may_not_signal_the_borrowers_gets_their_statements_cancelled_a_request_each(

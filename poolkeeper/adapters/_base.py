@@ -214,9 +214,12 @@ class Driver(abc.ABC):
         return None
 
     def returned_after_close(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
-        """A connection came back after the keeper closed (a forced borrower, late): close it.
+        """A connection came back once the closer had begun closing the idle ones (a forced borrower, late): close it.
 
-        Called from the thread that returned it, possibly from a finaliser run by the garbage
+        The closer's sweep of the idle connections may already have passed it, and nothing
+        sweeps the pool again; the return can also land while that sweep runs, so closing it
+        must be safe beside the sweep (each idle connection taken out of the pool once). Called
+        from the thread that returned it, possibly from a finaliser run by the garbage
         collector: must not block, must not raise.
         """
 

@@ -667,12 +667,14 @@ class AsyncpgDriver(Driver):
         for holder in pool._holders:  # noqa: SLF001
             holder.terminate()
 
-    def returned_after_close(self) -> None:
-        """A holder came back after the close (a connect that raced it): close what it holds."""
-        if self._inherited:
-            return
-        for connection in _open_connections(self.pool._holders):  # noqa: SLF001
-            connection.terminate()
+    def connection_returned_after_close(self, connection: Any) -> None:
+        """A holder came back once the close had begun (a connect that raced it): close what it holds.
+
+        That holder alone: :meth:`close_connections` lets the others still being given back
+        finish their release first.
+        """
+        if not self._inherited and connection.is_connected():
+            connection._con.terminate()  # noqa: SLF001 -- the holder's connection
 
     can_ping = True
 

@@ -719,7 +719,7 @@ class RedisDriver(Driver):
         await connection.disconnect(nowait=True)
 
     def connection_returned_after_close(self, connection: Any) -> None:
-        """A forced borrower gave ``connection`` back after the sweep: close that one.
+        """A forced borrower gave ``connection`` back once the sweep had begun: close that one.
 
         That one alone: thousands of forced borrowers come back one after another, and a sweep of
         the pool each would cost the square of their number (5,000 asyncio returns made about 12

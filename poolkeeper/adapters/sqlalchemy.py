@@ -481,7 +481,11 @@ class SQLAlchemyDriver(Driver):
         await run_blocking(ping_side, name="poolkeeper-sqlalchemy-ping")
 
     def returned_after_close(self) -> None:
-        """A forced borrower gave its connection back after the sweep: close it too."""
+        """A forced borrower gave its connection back once the sweep had begun: close it too.
+
+        Beside the closer's own sweep, if that is still running: each takes the idle records out
+        of the pool's queue under its lock, so every record is closed once.
+        """
         for pool in list(self.pools):
             self.close_idle_now(pool)
 
