@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 import poolkeeper
 from poolkeeper import Registry
@@ -74,6 +75,29 @@ def test_the_borrowing_thread_is_named():
         (borrower,) = registry["db"].borrowers()
     assert borrower.thread == "MainThread"
     assert borrower.task is None
+    registry.close()
+
+
+def test_borrow_sites_stay_exact_when_checkouts_alternate_between_library_call_chains():
+    """Core checkouts (engine frames), ORM ones (session, then engine frames) and the pool's own, in turns.
+
+    Whichever chain of library frames came before, every borrow names its own line, also one
+    made right above the pool, with no library frame in between (nothing judged about the
+    frames of one checkout may carry over to the next).
+    """
+    registry = Registry(track_borrowers=True)
+    engine = registry.wrap(sa.create_engine("sqlite://", poolclass=sa.QueuePool, pool_size=6), name="db")
+    held: list[tuple[Any, int]] = []
+    for _ in range(2):
+        held.append((engine.connect(), sys._getframe().f_lineno))
+        held.append((engine.pool.connect(), sys._getframe().f_lineno))
+        session = Session(engine)
+        held.append((session, sys._getframe().f_lineno + 1))
+        session.connection()  # the ORM's checkout: Session, then Engine, frames above the pool
+    sites = sorted(str(borrower.site) for borrower in registry["db"].borrowers())
+    assert sites == sorted(f"{__file__}:{line}" for _, line in held)
+    for borrowed, _ in held:
+        borrowed.close()
     registry.close()
 
 
