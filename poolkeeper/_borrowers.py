@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from poolkeeper._concurrency import current_task_of
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
     from types import CodeType
 
 __all__ = [
@@ -511,12 +511,15 @@ class Borrower:
 
     def format(self) -> str:
         """A readable multi-line description, stack included when tracked."""
+        return self._format(f"held for {self.held_seconds:.3f}s")
+
+    def _format(self, held: str) -> str:
         how = " (returned only by the garbage collector)" if self.returned_by_gc else ""
         who = ", ".join(
             part for part in (self.thread and f"thread {self.thread}", self.task and f"task {self.task}") if part
         )
         what = f" ({self.detail})" if self.detail else ""
-        lines = [f"{self.keeper}{what}: held for {self.held_seconds:.3f}s{how}" + (f" by {who}" if who else "")]
+        lines = [f"{self.keeper}{what}: {held}{how}" + (f" by {who}" if who else "")]
         if self.forced_by is not None:
             lines[0] += f"; forced by {FORCED_BY_LABELS.get(self.forced_by, self.forced_by)}"
         if self.stack is None:
@@ -525,6 +528,10 @@ class Borrower:
             lines.append("  borrowed at (most recent call last):")
             lines.extend(f"    {frame}" for frame in self.stack)
         return "\n".join(lines)
+
+    def _alike(self) -> tuple[Any, ...]:
+        # Everything format() shows but how long it was held.
+        return (self.keeper, self.detail, self.returned_by_gc, self.thread, self.task, self.forced_by, self.stack)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dictionary."""
@@ -540,3 +547,35 @@ class Borrower:
             "forced_by": self.forced_by,
             "detail": self.detail,
         }
+
+
+#: How many entries the text of a shutdown report lists under its force-closed borrowers.
+LISTED_BORROWERS = 20
+
+
+def format_borrowers(borrowers: Sequence[Borrower], listed: int = LISTED_BORROWERS) -> list[str]:
+    """The text report's entries for ``borrowers``: alike ones as one entry, at most ``listed`` entries.
+
+    Borrowers alike in all but how long they were held (thousands of untracked ones forced at
+    once, all "borrow site unknown") make one entry with their count; past ``listed`` entries
+    the rest are only counted. The report's ``leaks`` (and ``to_dict()``) keep every one.
+    """
+    groups: dict[tuple[Any, ...], list[Borrower]] = {}
+    for borrower in borrowers:
+        groups.setdefault(borrower._alike(), []).append(borrower)  # noqa: SLF001 -- this module's own
+    entries = []
+    for group in list(groups.values())[:listed]:
+        if len(group) == 1:
+            entries.append(group[0].format())
+            continue
+        seconds = [borrower.held_seconds for borrower in group]
+        shortest, longest = f"{min(seconds):.3f}", f"{max(seconds):.3f}"
+        held = shortest if shortest == longest else f"{shortest}-{longest}"
+        entries.append(group[0]._format(f"{len(group)} borrowers, held for {held}s"))  # noqa: SLF001
+    if len(groups) > listed:
+        rest = list(groups.values())[listed:]
+        entries.append(
+            f"... and {sum(len(group) for group in rest)} more in {len(rest)} more entries "
+            "(every one is in the report's leaks and in to_dict())"
+        )
+    return entries

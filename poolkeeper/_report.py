@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from poolkeeper._borrowers import format_borrowers
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -149,5 +151,5 @@ class ShutdownReport:
         if leaks:
             out.append("")
             out.append("force-closed borrowers:")
-            out.extend(leak.format() for leak in leaks)
+            out.extend(format_borrowers(leaks))
         return "\n".join(out)

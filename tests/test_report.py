@@ -63,6 +63,47 @@ def test_lookup_by_name_and_ok():
     assert len(report) == 2
 
 
+def forced(leaks: tuple[Borrower, ...]) -> ShutdownReport:
+    """A report of one keeper that force-closed ``leaks``."""
+    count = len(leaks)
+    item = ResourceReport("http", "aiohttp", "forced", count, 0, count, 0.0, 0.2, None, leaks, None, "drain_timeout")
+    return ShutdownReport(items=(item,), duration=0.2)
+
+
+def test_thousands_of_alike_untracked_borrowers_are_one_entry_of_the_text_with_their_count():
+    """5,000 forced borrowers with nothing to tell them apart but how long they were held: one entry, not 5,000.
+
+    The text is what the shutdown logs; the report itself keeps every borrower.
+    """
+    leaks = tuple(
+        Borrower("http", 1700000000.0, 1.25 + index / 10_000, None, None, None, forced_by="drain_timeout")
+        for index in range(5000)
+    )
+    report = forced(leaks)
+    text = str(report)
+
+    assert text.splitlines()[-2:] == [
+        "http: 5000 borrowers, held for 1.250-1.750s; forced by its drain_timeout",
+        "  borrow site unknown: enable track_borrowers=True to record it",
+    ]
+    assert len(report["http"].leaks) == len(report.to_dict()["items"][0]["leaks"]) == 5000
+
+
+def test_the_text_lists_twenty_entries_of_force_closed_borrowers_and_counts_the_rest():
+    """Borrowers that differ (each its own task) are listed up to twenty; the others are counted, not dropped."""
+    tasks = [f"request-{index}" for index in range(25)] + ["request-0"]  # the first task borrowed twice
+    leaks = tuple(
+        Borrower("http", 1700000000.0, 1.0, "MainThread", task, (Frame("app.py", 7, "handler"),)) for task in tasks
+    )
+    lines = str(forced(leaks)).split("force-closed borrowers:\n", 1)[1].splitlines()
+
+    assert [line for line in lines if not line.startswith("  ")] == [
+        "http: 2 borrowers, held for 1.000s by thread MainThread, task request-0",
+        *(f"http: held for 1.000s by thread MainThread, task request-{index}" for index in range(1, 20)),
+        "... and 5 more in 5 more entries (every one is in the report's leaks and in to_dict())",
+    ]
+
+
 def forced_by_budget() -> ShutdownReport:
     leak = Borrower("db", 1700000000.0, 5.0, "worker-1", None, (Frame("app.py", 42, "handler"),), forced_by="budget")
     return ShutdownReport(
