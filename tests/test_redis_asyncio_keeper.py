@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from poolkeeper import KeeperState, PoolClosedError, Registry
-from tests.test_redis_keeper import RedisServer, client_name, key, redis_server
+from tests.test_redis_keeper import CHECKOUT_ARGS, RedisServer, client_name, key, redis_server
 from tests.waiting import auntil
 
 # redis-py before 6.0 retries a command only on the errors named in retry_on_error; 6.0+ adds them to retry's.
@@ -237,6 +237,49 @@ async def test_a_thousand_forced_borrowers_coming_back_after_the_close_leave_the
     assert report["cache"].forced == borrowers
     assert quiet_after < 5.0, f"the loop was busy for {quiet_after:.1f} s after the close began"
     assert await redis_server.asettle(lambda: redis_server.clients() == []), len(redis_server.clients())
+
+
+class SweepSignallingConnection(redis.asyncio.Connection):
+    """A redis.asyncio connection class that awaits ``on_disconnect`` (once) as its disconnect begins."""
+
+    on_disconnect: Callable[[], Awaitable[None]] | None = None
+
+    async def disconnect(self, *args: Any, **options: Any) -> None:
+        hook, self.on_disconnect = self.on_disconnect, None
+        if hook is not None:
+            await hook()
+        await super().disconnect(*args, **options)
+
+
+async def test_a_connection_given_back_while_the_idle_ones_are_being_closed_is_closed_too(
+    make_client, redis_server: RedisServer
+):
+    """A forced connection given back behind the closer's sweep of the idle ones is disconnected, not left open.
+
+    It comes back from inside the sweep, as the sweep disconnects the idle connection: after
+    the sweep listed the idle connections, before the keeper is closed.
+    """
+    client = make_client(connection_class=SweepSignallingConnection)
+    registry = Registry(drain_timeout=0.05)
+    registry.wrap(client, name="cache")
+    pool = client.connection_pool
+    borrowed, idle = await pool.get_connection(*CHECKOUT_ARGS), await pool.get_connection(*CHECKOUT_ARGS)
+    for connection in (borrowed, idle):
+        await connection.connect()  # as a command would
+    await pool.release(idle)
+    given_back = asyncio.Event()
+
+    async def give_back() -> None:
+        await pool.release(borrowed)
+        given_back.set()
+
+    idle.on_disconnect = give_back
+    report = await registry.aclose()
+
+    assert given_back.is_set()
+    assert (report["cache"].outcome, report["cache"].forced) == ("forced", 1)
+    await auntil(lambda: not borrowed.is_connected)  # disconnected by the return: its socket closed here too
+    assert await redis_server.asettle(lambda: redis_server.clients() == []), redis_server.clients()
 
 
 async def test_a_client_that_retries_for_ever_gets_the_refusal_not_a_reconnect(
