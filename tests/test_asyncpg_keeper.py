@@ -182,6 +182,64 @@ async def test_clean_drain_wakes_the_closer_on_the_last_release(make_pool, serve
     assert server.settle(lambda: server.backends() == []), server.backends()
 
 
+async def test_a_connection_given_back_while_draining_ends_its_session_at_once(make_pool, pg_url: str, server: Server):
+    """Released while another borrower keeps the drain going, a connection in a transaction frees its locks at once.
+
+    It will not be lent again: instead of asyncpg's reset for reuse (a round trip), it is
+    terminated, and the server rolls its transaction back then, not at the close.
+    """
+    pool = await make_pool(min_size=2, max_size=2)
+    registry = Registry(drain_timeout=20)
+    registry.wrap(pool, name="pg")
+    acquired, release = asyncio.Event(), asyncio.Event()
+    other = asyncio.ensure_future(hold(pool, acquired, release))  # keeps the drain going
+    await acquired.wait()
+    locking = await pool.acquire()
+    await locking.execute("begin; select pg_advisory_xact_lock(4242)")
+    pid = locking.get_server_pid()
+    closing = asyncio.ensure_future(registry.aclose())
+    await auntil(lambda: registry["pg"].state is KeeperState.DRAINING)
+
+    await pool.release(locking)
+
+    assert server.settle(lambda: pid not in [backend_pid for backend_pid, _, _ in server.backends()])
+    assert not closing.done()  # still draining: the other borrower has its connection
+    side = await asyncpg.connect(pg_url)
+    try:
+        assert await side.fetchval("select pg_try_advisory_lock(4242)")  # the transaction's lock is free
+    finally:
+        await side.close()
+    release.set()
+    report = await asyncio.wait_for(closing, 10)
+    await other
+    item = report["pg"]
+    assert (item.outcome, item.borrowed_at_start, item.returned, item.forced) == ("clean", 2, 2, 0)
+    assert server.settle(lambda: server.backends() == []), server.backends()
+
+
+async def test_while_draining_release_still_refuses_a_connection_of_another_pool(make_pool):
+    """A connection released to the wrong pool gets asyncpg's own error, closing or not."""
+    pool, other_pool = await make_pool(), await make_pool()
+    registry = Registry(drain_timeout=20)
+    registry.wrap(pool, name="pg")
+    foreign = await other_pool.acquire()
+    acquired, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.ensure_future(hold(pool, acquired, release))
+    await acquired.wait()
+    closing = asyncio.ensure_future(registry.aclose())
+    await auntil(lambda: registry["pg"].state is KeeperState.DRAINING)
+
+    with pytest.raises(asyncpg.InterfaceError, match="is not a member of this pool"):
+        await pool.release(foreign)
+
+    await other_pool.release(foreign)  # its own pool, not closing, takes it back for reuse
+    async with other_pool.acquire() as again:
+        assert await again.fetchval("select 1") == 1
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    await holder
+
+
 async def test_force_close_cancels_the_query_on_the_server(make_pool, server: Server):
     """At the deadline the borrower errors promptly and no backend keeps running its query."""
     pool = await make_pool()

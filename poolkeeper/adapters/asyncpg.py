@@ -251,6 +251,24 @@ def _terminate(pool: Any) -> None:
     pool._pk_driver.terminate_pool()  # noqa: SLF001
 
 
+async def _release_while_closing(pool: Any, connection: Any, *, timeout: float | None = None) -> None:
+    """``Pool.release()`` once the keeper is closing (set by ``refuse()``): the connection is ended, not reset.
+
+    It will never be lent again. asyncpg's reset for reuse is a round trip (rollback, unlisten,
+    ``RESET ALL``) that only holds the drain back, and a connection left in a transaction would
+    keep its locks on the server until the close. Terminated, it tells the server goodbye (which
+    rolls back and frees the locks at once), and asyncpg's own close path puts its holder back in
+    the queue, which counts the return. Anything else (a connection of another pool, one already
+    released, a pool already closed) goes to the library's ``release()``, with its errors.
+    """
+    holder = getattr(connection, "_holder", None)
+    own = connection._con if holder is not None and holder._pool is pool else None  # noqa: SLF001 -- the proxy's connection
+    if own is None or pool._closed:  # noqa: SLF001
+        await pool._pk_driver.library_class.release(pool, connection, timeout=timeout)  # noqa: SLF001
+        return
+    own.terminate()
+
+
 def _guarded_pool_class(cls: type[Any], driver: AsyncpgDriver) -> type[Any]:
     """A subclass of ``cls`` (an ``asyncpg.Pool`` class) that belongs to ``driver``'s pool alone.
 
@@ -521,9 +539,17 @@ class AsyncpgDriver(Driver):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def refuse(self) -> None:
-        """Wake the tasks waiting in ``acquire()`` for a free connection; they get the refusal."""
-        if self._queue is None or self._inherited:
-            return  # not initialized, or the parent's (no task of this process waits on its loop)
+        """Wake the tasks waiting in ``acquire()`` for a free connection; they get the refusal.
+
+        From now on a connection given back is terminated, not reset for reuse
+        (:func:`_release_while_closing`): set on the pool's own guarded class, so that nothing
+        is added to a release while the keeper lends.
+        """
+        if self._inherited:
+            return  # the parent's (no task of this process waits on its loop; its sockets are not ours)
+        type(self.pool).release = _release_while_closing
+        if self._queue is None:
+            return  # not initialized: nothing to wake
         refusing = _guarded_queue_classes(self._queue_class)[1]  # type: ignore[arg-type]  # set with _queue
         if self._on_home_thread():
             self._refuse_queue(refusing)
