@@ -203,7 +203,10 @@ async def _get_connection_async(pool: Any, *args: Any, **options: Any) -> Any:
         await connection.disconnect()  # the sweep of idle connections may be over
         await library.release(pool, connection)
         raise keeper.refusal()
-    pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
+    driver = pool._pk_driver  # noqa: SLF001
+    loop = driver.loop  # where the connections live: asked of asyncio only when that loop stopped
+    if loop is None or not loop.is_running():
+        driver.loop = asyncio.get_running_loop()  # on Python 3.11 a getpid() system call each time
     return connection
 
 

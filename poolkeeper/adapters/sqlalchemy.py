@@ -201,7 +201,10 @@ def _connect(pool: Any) -> Any:
 
 def _connect_async(pool: Any) -> Any:
     fairy = _connect(pool)
-    pool._pk_driver.loop = asyncio.get_running_loop()  # noqa: SLF001 -- where the connections live
+    driver = pool._pk_driver  # noqa: SLF001
+    loop = driver.loop  # where the connections live: asked of asyncio only when that loop stopped
+    if loop is None or not loop.is_running():
+        driver.loop = asyncio.get_running_loop()  # on Python 3.11 a getpid() system call each time
     return fairy
 
 
