@@ -560,11 +560,12 @@ def format_borrowers(borrowers: Sequence[Borrower], listed: int = LISTED_BORROWE
     once, all "borrow site unknown") make one entry with their count; past ``listed`` entries
     the rest are only counted. The report's ``leaks`` (and ``to_dict()``) keep every one.
     """
-    groups: dict[tuple[Any, ...], list[Borrower]] = {}
+    alike: dict[tuple[Any, ...], list[Borrower]] = {}
     for borrower in borrowers:
-        groups.setdefault(borrower._alike(), []).append(borrower)  # noqa: SLF001 -- this module's own
+        alike.setdefault(borrower._alike(), []).append(borrower)  # noqa: SLF001 -- this module's own
+    groups = list(alike.values())
     entries = []
-    for group in list(groups.values())[:listed]:
+    for group in groups[:listed]:
         if len(group) == 1:
             entries.append(group[0].format())
             continue
@@ -572,8 +573,8 @@ def format_borrowers(borrowers: Sequence[Borrower], listed: int = LISTED_BORROWE
         shortest, longest = f"{min(seconds):.3f}", f"{max(seconds):.3f}"
         held = shortest if shortest == longest else f"{shortest}-{longest}"
         entries.append(group[0]._format(f"{len(group)} borrowers, held for {held}s"))  # noqa: SLF001
-    if len(groups) > listed:
-        rest = list(groups.values())[listed:]
+    rest = groups[listed:]
+    if rest:
         entries.append(
             f"... and {sum(len(group) for group in rest)} more in {len(rest)} more entries "
             "(every one is in the report's leaks and in to_dict())"
