@@ -149,6 +149,40 @@ _get_ident = threading.get_ident
 _threads: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]  # noqa: SLF001 -- private, but there since Python 2
 _running_loop = asyncio._get_running_loop  # noqa: SLF001 -- None without raising: current_task() raises then
 _current_task = current_task_of  # the C way on 3.12+, a dict read on 3.11
+#: On Python 3.10 and 3.11, the dict of the task each loop is running now (what current_task_of
+#: reads): empty while no task runs anywhere, as in a process of threads alone. ``None`` after.
+_tasks_running: dict[Any, Any] | None = (
+    asyncio.tasks._current_tasks  # type: ignore[attr-defined]  # noqa: SLF001 -- the C tasks' own dict, read by current_task_of on 3.11
+    if sys.version_info < (3, 12)
+    else None
+)
+
+# The event loop a tracked checkout last found running. asyncio's own _get_running_loop() makes a
+# getpid() system call on Python 3.11 (to refuse a loop inherited over a fork); about as much as
+# the rest of the entry on an asyncio checkout. The loop running in this thread is this one while
+# it says it runs here (BaseEventLoop._thread_id: set by run_forever() for its run; other loops,
+# uvloop's, have none and always ask asyncio). Forgotten in a forked child, which runs no loop of
+# its parent's. One loop, so nothing grows, whatever the loops and threads of the process.
+_seen_loop: Any = None
+
+
+def _loop_here(ident: int) -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread (``ident``), or ``None``; :func:`tracked_entry`'s slow path."""
+    global _seen_loop  # noqa: PLW0603 -- the one-loop cache described above
+    if _tasks_running is not None and not _tasks_running:
+        return None  # no task runs anywhere: a thread's plain call, whose entry names no task
+    loop = _running_loop()
+    if loop is not None and getattr(loop, "_thread_id", None) == ident:
+        _seen_loop = loop
+    return loop
+
+
+def _forget_seen_loop() -> None:
+    global _seen_loop  # noqa: PLW0603 -- see _seen_loop
+    _seen_loop = None
+
+
+os.register_at_fork(after_in_child=_forget_seen_loop)
 
 
 def _is_plumbing(frame: Any) -> bool:
@@ -402,12 +436,15 @@ def tracked_entry(holder: Any) -> Entry:
         site = _capture(frame, _callers_at_checkout) if _callers_at_checkout else (frame.f_code, frame.f_lasti)
     except (KeyError, AttributeError):  # a module not judged yet, or a greenlet's end: _capture goes on
         site = _capture(frame, _callers_at_checkout)
-    loop = _running_loop()
+    ident = _get_ident()
+    loop = _seen_loop
+    if loop is None or loop._thread_id != ident:  # noqa: SLF001 -- BaseEventLoop's; only a loop with one is kept (_loop_here)
+        loop = _loop_here(ident)
     return (
         _monotonic(),
         holder,
         site,
-        _threads.get(_get_ident()) or threading.current_thread(),
+        _threads.get(ident) or threading.current_thread(),
         None if loop is None else _current_task(loop),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -320,3 +321,140 @@ def test_force_closing_the_borrows_of_2000_threads_reads_their_stacks_once():
     assert {leak.thread for leak in item.leaks} == {f"worker-{n}" for n in range(threads)}
     assert all([frame.function for frame in leak.stack or ()] == ["hold_until"] for leak in item.leaks)
     assert took < 1.0, f"the forced close of {threads} borrowing threads took {took:.2f} s"
+
+
+# -- which task borrowed: the event loop running in the borrowing thread, whatever ran before ------
+
+
+def borrowing_task(registry: Registry) -> str | None:
+    """The task named by the one borrow out of the keeper named ``fake``."""
+    (borrower,) = registry["fake"].borrowers()
+    return borrower.task
+
+
+def borrow_in_a_new_loop(registry: Registry, pool: FakePool, task_name: str) -> str | None:
+    """In a new event loop of this thread, borrow inside a task named ``task_name``; the task the borrow names."""
+
+    async def borrow() -> str | None:
+        handle = pool.checkout()
+        try:
+            return borrowing_task(registry)
+        finally:
+            handle.give_back()
+
+    async def main() -> str | None:
+        return await asyncio.create_task(borrow(), name=task_name)
+
+    return asyncio.run(main())
+
+
+def test_two_threads_taking_turns_with_their_own_event_loops_each_name_their_own_task():
+    """Borrows alternating between two threads' event loops each name the task that borrowed."""
+    with fake_adapter():
+        registry = Registry(track_borrowers=True)
+        pool = registry.wrap(FakePool(), name="fake")
+        turns = [threading.Semaphore(0), threading.Semaphore(0)]
+        named: list[tuple[int, str | None]] = []
+
+        async def borrow_each_turn(me: int) -> None:
+            for _ in range(3):
+                assert turns[me].acquire(timeout=30), "the other thread never handed over"
+                handle = pool.checkout()  # in this task's step: this thread's loop runs it
+                named.append((me, borrowing_task(registry)))
+                handle.give_back()
+                turns[1 - me].release()
+
+        def run(me: int) -> None:
+            async def main() -> None:
+                await asyncio.create_task(borrow_each_turn(me), name=f"thread-{me}-task")
+
+            asyncio.run(main())
+
+        threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+        for thread in threads:
+            thread.start()
+        turns[0].release()
+        for thread in threads:
+            thread.join(timeout=60)
+        registry.close()
+    assert named == [(me, f"thread-{me}-task") for _ in range(3) for me in (0, 1)]
+
+
+def test_a_thread_borrowing_while_another_threads_loop_runs_a_task_names_no_task():
+    """A plain thread's borrow names no task, even while a task runs on another thread's loop."""
+    with fake_adapter():
+        registry = Registry(track_borrowers=True)
+        pool = registry.wrap(FakePool(), name="fake")
+        named: list[str | None] = []
+
+        def borrow_in_thread() -> None:
+            handle = pool.checkout()
+            named.append(borrowing_task(registry))
+            handle.give_back()
+
+        async def main() -> None:
+            pool.checkout().give_back()  # a borrow on this loop first: the one a later borrow may find
+            other = threading.Thread(target=borrow_in_thread)
+            other.start()
+            other.join(timeout=30)  # blocks inside this task's step: its task runs all along
+
+        asyncio.run(main())
+        registry.close()
+    assert named == [None]
+
+
+def test_a_borrow_on_a_later_event_loop_of_the_same_thread_names_that_loops_task():
+    """``asyncio.run()`` twice in one thread: each borrow names the task of the loop running then."""
+    with fake_adapter():
+        registry = Registry(track_borrowers=True)
+        pool = registry.wrap(FakePool(), name="fake")
+        first = borrow_in_a_new_loop(registry, pool, "first-run")
+        second = borrow_in_a_new_loop(registry, pool, "second-run")
+        handle = pool.checkout()  # and no loop at all after them
+        after = borrowing_task(registry)
+        handle.give_back()
+        registry.close()
+    assert (first, second, after) == ("first-run", "second-run", None)
+
+
+FORKED_BORROW = """
+import asyncio, os, sys
+from poolkeeper import Registry
+from tests.faults.fake_driver import FakePool, fake_adapter
+from tests.test_borrow_sites import borrow_in_a_new_loop, borrowing_task
+
+with fake_adapter():
+    registry = Registry(track_borrowers=True)
+    pool = registry.wrap(FakePool(), name="fake")
+
+    async def parent() -> None:
+        handle = pool.checkout()
+        assert borrowing_task(registry) == "parent-task"
+        handle.give_back()
+        pid = os.fork()  # inside the parent task's step, its loop running
+        if pid == 0:
+            named = borrow_in_a_new_loop(registry, pool, "child-task")
+            os.write(1, f"child borrow named {named}\\n".encode())
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+
+    async def main() -> None:
+        await asyncio.create_task(parent(), name="parent-task")
+
+    asyncio.run(main())
+"""
+
+
+def test_a_child_forked_inside_a_task_names_its_own_task_not_the_parents():
+    """The child of a fork made inside a running task borrows in a loop of its own and names that loop's task."""
+    completed = subprocess.run(
+        [sys.executable, "-c", FORKED_BORROW],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == ["child borrow named child-task"], completed.stdout + completed.stderr
