@@ -819,8 +819,11 @@ def test_a_postgres_url_that_does_not_answer_fails_without_showing_its_password(
     assert "hunter2" not in result.stdout.str() + result.stderr.str()
 
 
-def test_a_redis_url_naming_a_database_is_used_as_it_is(pytester):
+def test_a_redis_url_naming_a_database_is_used_as_it_is(pytester, monkeypatch):
     """POOLKEEPER_REDIS_URL with a database index other than 0 is handed out unchanged."""
+    # The session run here is no xdist worker, even when this test runs in one (whose worker
+    # gets that database + N): it would inherit PYTEST_XDIST_WORKER.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     pytester.makeini(INI)
     pytester.makepyfile(test_services=SERVICES)
     result = run(pytester, "-s", "-k", "redis")
