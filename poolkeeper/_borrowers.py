@@ -431,10 +431,15 @@ def tracked_entry(holder: Any) -> Entry:
     """
     frame: Any = _getframe(3)
     try:
-        while _plumbing_modules[frame.f_globals["__name__"]]:
-            frame = frame.f_back  # None past the end of a greenlet's stack: None.f_globals raises
-        site = _capture(frame, _callers_at_checkout) if _callers_at_checkout else (frame.f_code, frame.f_lasti)
-    except (KeyError, AttributeError):  # a module not judged yet, or a greenlet's end: _capture goes on
+        # Tested for, not caught: the end of a greenlet's stack (None), which SQLAlchemy's asyncio
+        # checkouts reach every time. Raising and catching AttributeError there cost 0.9 µs.
+        while frame is not None and _plumbing_modules[frame.f_globals["__name__"]]:
+            frame = frame.f_back
+        if frame is None or _callers_at_checkout:
+            site = _capture(frame, _callers_at_checkout)
+        else:
+            site = (frame.f_code, frame.f_lasti)
+    except KeyError:  # a module not judged yet: _capture learns it and goes on
         site = _capture(frame, _callers_at_checkout)
     ident = _get_ident()
     loop = _seen_loop
