@@ -17,6 +17,7 @@ is looked at. Nothing is sampled: every tracked borrow knows its exact borrow si
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
@@ -344,8 +345,31 @@ class ThreadStacks:
     def innermost(self, ident: int) -> Any:
         """The innermost frame of the thread ``ident`` when the batch first looked, or ``None``."""
         if self._frames is None:
-            self._frames = sys._current_frames()  # noqa: SLF001 -- the one way to another thread's stack
+            self._frames = _current_frames()
         return self._frames.get(ident)
+
+
+#: Python before 3.12 may start a collection in any allocation, C code's included.
+_COLLECTS_WHILE_ALLOCATING = sys.version_info < (3, 12)
+
+
+def _current_frames() -> dict[int, Any]:
+    """``sys._current_frames()``, with the cyclic garbage collector paused around it on Python 3.10 and 3.11.
+
+    There, before 3.11.9 (python/cpython#106883), a collection that starts inside it deadlocks
+    the process: it holds the interpreter's lock on the list of threads while it makes a frame
+    object per thread, and a collection that frees a ``threading.local`` takes that lock again. A
+    force-close views the borrows of many threads at once, allocating all along: it hung there.
+    Python 3.12 collects only between bytecodes. Paused only if it was on (a process that turned
+    it off keeps it off).
+    """
+    if not _COLLECTS_WHILE_ALLOCATING or not gc.isenabled():
+        return sys._current_frames()  # noqa: SLF001 -- the one way to another thread's stack
+    gc.disable()
+    try:
+        return sys._current_frames()  # noqa: SLF001
+    finally:
+        gc.enable()
 
 
 def _live_frames(thread: threading.Thread, task: asyncio.Task[Any] | None, stacks: ThreadStacks) -> list[Any]:

@@ -446,15 +446,69 @@ with fake_adapter():
 """
 
 
+def run_program(source: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` in a Python process of its own, from the repository's root; a hang of 60 s fails the test."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", source],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as timed_out:
+        pytest.fail(f"the program hung for 60 s; its output: {timed_out.stdout!r} {timed_out.stderr!r}")
+
+
 def test_a_child_forked_inside_a_task_names_its_own_task_not_the_parents():
     """The child of a fork made inside a running task borrows in a loop of its own and names that loop's task."""
-    completed = subprocess.run(
-        [sys.executable, "-c", FORKED_BORROW],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        timeout=60,
-        check=False,
-    )
+    completed = run_program(FORKED_BORROW)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.splitlines() == ["child borrow named child-task"], completed.stdout + completed.stderr
+
+
+# A collection inside sys._current_frames() that frees a threading.local deadlocks CPython before
+# 3.11.9 and 3.12.3 (python/cpython#106883): the function holds the interpreter's thread-list lock
+# while it makes a frame object per thread, and the local's deallocation takes that lock again.
+# Each collection here leaves such a local behind for the next, and a threshold of 1 starts one
+# at the first allocation: inside sys._current_frames() itself, unless the collector is paused.
+COLLECTION_DURING_THE_STACK_READ = """
+import gc, threading
+from poolkeeper import Registry
+from tests.faults.fake_driver import FakePool, fake_adapter
+
+def cyclic_local(phase, info):
+    if phase == "stop":
+        local = threading.local()
+        local.itself = local  # garbage once this returns: for the next collection to free
+
+def hold(pool, held, release):
+    handle = pool.checkout()
+    held.wait()
+    release.wait()
+    handle.give_back()
+
+with fake_adapter():
+    registry = Registry(track_borrowers=True, drain_timeout=0)
+    pool = registry.wrap(FakePool(), name="fake")
+    held, release = threading.Barrier(21), threading.Event()
+    threads = [threading.Thread(target=hold, args=(pool, held, release), daemon=True) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    held.wait()
+    gc.callbacks.append(cyclic_local)
+    gc.set_threshold(1)
+    report = registry.close()  # the views of the forced borrows read every thread's stack
+    gc.set_threshold(700)
+    gc.callbacks.remove(cyclic_local)
+    release.set()
+    print("forced", report.items[0].forced, "stacks", sum(1 for leak in report.items[0].leaks if leak.stack))
+"""
+
+
+def test_a_garbage_collection_while_the_stacks_of_forced_borrowers_are_read_does_not_deadlock():
+    """The force-close reads every thread's stack with the collector paused: no collection can deadlock it."""
+    completed = run_program(COLLECTION_DURING_THE_STACK_READ)  # hung in sys._current_frames() before the fix
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == ["forced 20 stacks 20"], completed.stdout + completed.stderr
