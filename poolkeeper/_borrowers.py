@@ -17,11 +17,13 @@ is looked at. Nothing is sampled: every tracked borrow knows its exact borrow si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -158,13 +160,21 @@ _tasks_running: dict[Any, Any] | None = (
     else None
 )
 
-# The event loop a tracked checkout last found running. asyncio's own _get_running_loop() makes a
-# getpid() system call on Python 3.11 (to refuse a loop inherited over a fork); about as much as
-# the rest of the entry on an asyncio checkout. The loop running in this thread is this one while
-# it says it runs here (BaseEventLoop._thread_id: set by run_forever() for its run; other loops,
-# uvloop's, have none and always ask asyncio). Forgotten in a forked child, which runs no loop of
-# its parent's. One loop, so nothing grows, whatever the loops and threads of the process.
-_seen_loop: Any = None
+
+class _Gone:
+    """Something to hold a weak reference to that is dead at once: :data:`_seen_loop` before any loop."""
+
+
+# The event loop a tracked checkout last found running, weakly: a loop the program dropped is
+# freed, and asyncio's warning about one left unclosed still comes. asyncio's own
+# _get_running_loop() makes a getpid() system call on Python 3.11 (to refuse a loop inherited
+# over a fork); about as much as the rest of the entry on an asyncio checkout. The loop running
+# in this thread is this one while it says it runs here (BaseEventLoop._thread_id: set by
+# run_forever() for its run; other loops, uvloop's, have none and always ask asyncio). Forgotten
+# in a forked child, which runs no loop of its parent's. One loop, so nothing grows, whatever the
+# loops and threads of the process.
+_NO_LOOP: weakref.ref[Any] = weakref.ref(_Gone())
+_seen_loop: weakref.ref[Any] = _NO_LOOP
 
 
 def _loop_here(ident: int) -> asyncio.AbstractEventLoop | None:
@@ -174,13 +184,14 @@ def _loop_here(ident: int) -> asyncio.AbstractEventLoop | None:
         return None  # no task runs anywhere: a thread's plain call, whose entry names no task
     loop = _running_loop()
     if loop is not None and getattr(loop, "_thread_id", None) == ident:
-        _seen_loop = loop
+        with contextlib.suppress(TypeError):  # a loop class with __slots__ and no __weakref__: asked each time
+            _seen_loop = weakref.ref(loop)
     return loop
 
 
 def _forget_seen_loop() -> None:
     global _seen_loop  # noqa: PLW0603 -- see _seen_loop
-    _seen_loop = None
+    _seen_loop = _NO_LOOP
 
 
 os.register_at_fork(after_in_child=_forget_seen_loop)
@@ -466,7 +477,7 @@ def tracked_entry(holder: Any) -> Entry:
     except KeyError:  # a module not judged yet: _capture learns it and goes on
         site = _capture(frame, _callers_at_checkout)
     ident = _get_ident()
-    loop = _seen_loop
+    loop = _seen_loop()
     if loop is None or loop._thread_id != ident:  # noqa: SLF001 -- BaseEventLoop's; only a loop with one is kept (_loop_here)
         loop = _loop_here(ident)
     return (

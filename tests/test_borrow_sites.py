@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -415,6 +417,25 @@ def test_a_borrow_on_a_later_event_loop_of_the_same_thread_names_that_loops_task
         handle.give_back()
         registry.close()
     assert (first, second, after) == ("first-run", "second-run", None)
+
+
+def test_an_event_loop_a_tracked_borrow_ran_on_is_not_kept_alive_once_dropped():
+    """The loop a tracked checkout last saw is not kept: dropped, it is freed (and warns if left unclosed)."""
+    with fake_adapter():
+        registry = Registry(track_borrowers=True)
+        pool = registry.wrap(FakePool(), name="fake")
+        loop = asyncio.new_event_loop()
+
+        async def borrow() -> None:
+            pool.checkout().give_back()
+
+        loop.run_until_complete(loop.create_task(borrow(), name="on-a-loop-dropped-later"))
+        gone = weakref.ref(loop)
+        del loop  # left unclosed, as a careless program does: asyncio's ResourceWarning says so
+        with pytest.warns(ResourceWarning, match="unclosed event loop"):
+            gc.collect()
+        registry.close()
+    assert gone() is None
 
 
 FORKED_BORROW = """
