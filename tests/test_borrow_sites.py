@@ -282,11 +282,45 @@ async def test_a_task_still_holding_shows_its_callers_read_from_its_awaits(redis
     await client.aclose()
 
 
-def hold_until(pool: FakePool, held: threading.Barrier, release: threading.Event) -> None:
-    """Borrow, say so, and hold the connection until told to give it back."""
+class Parking:
+    """Where borrowing threads wait, holding their connections, until released.
+
+    :meth:`wait_all_parked` returns once every one of them is blocked in its wait, not merely
+    past a barrier: 2,000 threads woken together by a barrier take the GIL from each other (and
+    from the closer being timed) for seconds before they are all waiting again.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._lock = threading.Lock()
+        self._all_parked = threading.Condition(self._lock)
+        self._released = threading.Condition(self._lock)
+        self._parked = 0
+        self._go = False
+
+    def park(self) -> None:
+        """Wait until :meth:`release`; counted as parked only once the lock is given up by the wait."""
+        with self._lock:
+            self._parked += 1
+            if self._parked == self.count:
+                self._all_parked.notify()
+            self._released.wait_for(lambda: self._go)
+
+    def wait_all_parked(self, timeout: float) -> bool:
+        # The lock is free only while every thread counted is inside its wait.
+        with self._lock:
+            return self._all_parked.wait_for(lambda: self._parked == self.count, timeout)
+
+    def release(self) -> None:
+        with self._lock:
+            self._go = True
+            self._released.notify_all()
+
+
+def hold_until(pool: FakePool, parking: Parking) -> None:
+    """Borrow, and hold the connection, parked, until released."""
     handle = pool.checkout()
-    held.wait()
-    release.wait()
+    parking.park()
     handle.give_back()
 
 
@@ -301,20 +335,20 @@ def test_force_closing_the_borrows_of_2000_threads_reads_their_stacks_once():
     with fake_adapter():
         registry = Registry(track_borrowers=True, drain_timeout=0)
         pool = registry.wrap(FakePool(), name="fake")
-        held, release = threading.Barrier(threads + 1), threading.Event()
+        parking = Parking(threads)
         borrowers = [
-            threading.Thread(target=hold_until, args=(pool, held, release), name=f"worker-{n}", daemon=True)
+            threading.Thread(target=hold_until, args=(pool, parking), name=f"worker-{n}", daemon=True)
             for n in range(threads)
         ]
         try:
             for borrower in borrowers:
                 borrower.start()
-            held.wait(timeout=60)
+            assert parking.wait_all_parked(timeout=60)
             started = time.monotonic()
             report = registry.close()
             took = time.monotonic() - started
         finally:
-            release.set()
+            parking.release()
             for borrower in borrowers:
                 borrower.join(timeout=60)
     (item,) = report.items
